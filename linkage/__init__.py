@@ -1,0 +1,1 @@
+"""Jigsaw linkage core."""
