@@ -1,0 +1,428 @@
+"""The Fellegi-Sunter model on tokens, built, trained and applied with Splink 5.
+
+The matcher sees only the token columns of :mod:`linkage.tokenise`; every comparison here is
+written against them: Dice (and overlap) coefficients on Bloom-filter words, equality of keyed
+tokens. The SQL uses only ``bit_count``, ``&``, ``CAST``, ``LEAST`` and arithmetic, which
+DuckDB and Spark SQL both run, so one model JSON serves both engines.
+
+Training needs no labels: u by random sampling, m by expectation maximisation on two
+blocking rules (each trains the comparisons it does not block on), and the prior from
+deterministic rules. The model then *calibrates* its prior to the candidate pairs that its
+blocking rules generate (a one-parameter EM over the Bayes factors): the probability that two
+random records match shrinks as a federation grows, but the share of matches among blocked
+candidates does not, so a probability threshold keeps its meaning from 15 thousand records to
+a million. The default alert threshold is the one that maximises the F1 that the calibrated
+probabilities themselves predict, which needs no ground truth.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from linkage.errors import ModelError
+from linkage.tokenise import BloomSpec
+
+__all__ = ["DEFAULT_THRESHOLD", "LinkageModel", "TrainingOptions", "model_settings"]
+
+logger = logging.getLogger(__name__)
+
+MODEL_FORMAT_VERSION = 1
+#: Used only until a model has calibrated its own threshold.
+DEFAULT_THRESHOLD = 0.9
+UNIQUE_ID = "pseudonym"
+SOURCE = "source_dataset"
+
+#: The blocking rules that generate candidate pairs, as token columns that must be equal.
+BLOCKING_KEYS: tuple[tuple[str, ...], ...] = (
+    ("dob_unordered",),
+    ("nhs",),
+    ("blk_name",),
+    ("blk_given_yob",),
+    ("blk_family_md",),
+)
+
+
+def _shared_bits(field_: str, words: int) -> str:
+    return " + ".join(
+        f"CAST(bit_count({field_}_bf_{i}_l & {field_}_bf_{i}_r) AS INTEGER)" for i in range(words)
+    )
+
+
+def _dice(field_: str, words: int) -> str:
+    return f"(2.0 * ({_shared_bits(field_, words)}) / ({field_}_bf_n_l + {field_}_bf_n_r))"
+
+
+def _overlap(field_: str, words: int) -> str:
+    least = f"LEAST({field_}_bf_n_l, {field_}_bf_n_r)"
+    return f"(1.0 * ({_shared_bits(field_, words)}) / {least})"
+
+
+def _null(*cols: str) -> str:
+    return " OR ".join(f"{c}_l IS NULL OR {c}_r IS NULL" for c in cols)
+
+
+def _level(sql: str, label: str, *, null: bool = False) -> dict[str, Any]:
+    level: dict[str, Any] = {"sql_condition": sql, "label_for_charts": label}
+    if null:
+        level["is_null_level"] = True
+    return level
+
+
+def _comparisons(bloom: BloomSpec) -> list[dict[str, Any]]:
+    w = bloom.words
+    given, family = _dice("given", w), _dice("family", w)
+    return [
+        {
+            "output_column_name": "given_name",
+            "comparison_description": "Dice similarity of given-name Bloom filters (nicknames resolved)",
+            "comparison_levels": [
+                _level(_null("given_bf_n"), "missing", null=True),
+                _level(f"{given} >= 0.86", "identical"),
+                _level(f"{given} >= 0.72", "very similar"),
+                _level(f"{given} >= 0.58", "similar"),
+                _level("ELSE", "different"),
+            ],
+        },
+        {
+            "output_column_name": "family_name",
+            "comparison_description": "Dice similarity of family-name Bloom filters",
+            "comparison_levels": [
+                _level(_null("family_bf_n"), "missing", null=True),
+                _level(f"{family} >= 0.86", "identical"),
+                _level(f"{family} >= 0.72", "very similar"),
+                _level(
+                    f"{_overlap('surnames', w)} >= 0.82",
+                    "shares a current or previous family name",
+                ),
+                _level(f"{family} >= 0.58", "similar"),
+                _level("ELSE", "different"),
+            ],
+        },
+        {
+            "output_column_name": "date_of_birth",
+            "comparison_description": "Date of birth tokens",
+            "comparison_levels": [
+                _level(_null("dob"), "missing", null=True),
+                _level("dob_l = dob_r", "identical"),
+                _level("dob_unordered_l = dob_unordered_r", "day and month swapped"),
+                _level(
+                    "dob_ym_l = dob_ym_r OR dob_yd_l = dob_yd_r OR dob_md_l = dob_md_r",
+                    "one of day, month or year differs",
+                ),
+                _level("ELSE", "different"),
+            ],
+        },
+        {
+            "output_column_name": "nhs_number",
+            "comparison_description": "NHS number token",
+            "comparison_levels": [
+                _level(_null("nhs"), "missing", null=True),
+                _level("nhs_l = nhs_r", "identical"),
+                _level("ELSE", "different"),
+            ],
+        },
+        {
+            "output_column_name": "sex",
+            "comparison_description": "Sex token",
+            "comparison_levels": [
+                _level(_null("sex"), "missing", null=True),
+                _level("sex_l = sex_r", "identical"),
+                _level("ELSE", "different"),
+            ],
+        },
+        {
+            "output_column_name": "postcode",
+            "comparison_description": "Postcode tokens",
+            "comparison_levels": [
+                _level(_null("postcode"), "missing", null=True),
+                _level("postcode_l = postcode_r", "identical"),
+                _level("postcode_district_l = postcode_district_r", "same district"),
+                _level("ELSE", "different"),
+            ],
+        },
+    ]
+
+
+def model_settings(bloom: BloomSpec | None = None) -> dict[str, Any]:
+    """Untrained Splink settings for tokens made under a spec with this Bloom shape."""
+    return {
+        "link_type": "link_only",
+        "unique_id_column_name": UNIQUE_ID,
+        "probability_two_random_records_match": 1e-4,
+        "comparisons": _comparisons(bloom or BloomSpec()),
+        "blocking_rules_to_generate_predictions": [
+            _blocking_sql(keys) for keys in BLOCKING_KEYS
+        ],
+        "retain_matching_columns": False,
+        "retain_intermediate_calculation_columns": True,
+        "additional_columns_to_retain": [],
+        "em_convergence": 0.001,
+        "max_iterations": 25,
+    }
+
+
+def _blocking_sql(keys: Sequence[str]) -> dict[str, Any]:
+    return {
+        "blocking_rule": " AND ".join(f"l.{k} = r.{k}" for k in keys),
+        "sql_dialect": "duckdb",
+    }
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """Tunables of unsupervised training.
+
+    Attributes:
+        u_max_pairs: Random pairs sampled to estimate u probabilities.
+        em_max_pairs: Cap on the blocked pairs each EM session uses.
+        prior_recall: Assumed recall of the deterministic rules that estimate the prior.
+        seed: Seed for sampling, so that training is repeatable.
+    """
+
+    u_max_pairs: float = 2e6
+    em_max_pairs: float = 1.5e6
+    prior_recall: float = 0.7
+    seed: int = 42
+
+
+#: EM sessions: each trains every comparison except the ones its rule blocks on.
+_EM_RULES: tuple[str, ...] = ("l.dob = r.dob", "l.blk_name = r.blk_name")
+_PRIOR_RULES: tuple[str, ...] = (
+    "l.nhs = r.nhs",
+    "l.dob = r.dob AND l.blk_name = r.blk_name",
+)
+#: Smallest m or u probability written into a model: EM leaves a level at exactly zero when
+#: no training pair reached it, which Splink 5 then refuses to load.
+_MIN_PROBABILITY = 1e-6
+
+
+@dataclass
+class LinkageModel:
+    """A trained (or untrained) Fellegi-Sunter model over token columns.
+
+    Attributes:
+        settings: The Splink settings dictionary, including trained m and u probabilities.
+        threshold: Alert threshold on calibrated match probability.
+        metadata: Provenance: token spec fingerprint, training sizes, calibration.
+    """
+
+    settings: dict[str, Any]
+    threshold: float = DEFAULT_THRESHOLD
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict[str, Any]:
+        """The model as JSON-ready data."""
+        return {
+            "format_version": MODEL_FORMAT_VERSION,
+            "threshold": self.threshold,
+            "metadata": self.metadata,
+            "splink_settings": self.settings,
+        }
+
+    def save(self, path: Path) -> None:
+        """Write the model as JSON."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: Path) -> LinkageModel:
+        """Read a model written by :meth:`save`.
+
+        Raises:
+            ModelError: The file is missing, not JSON, or of an unknown format version.
+        """
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelError(f"cannot read model {path}: {e}") from e
+        if data.get("format_version") != MODEL_FORMAT_VERSION:
+            raise ModelError(f"{path}: unknown model format {data.get('format_version')!r}")
+        return cls(
+            settings=data["splink_settings"],
+            threshold=float(data["threshold"]),
+            metadata=dict(data.get("metadata", {})),
+        )
+
+    @property
+    def trained(self) -> bool:
+        """True once every comparison level has m and u probabilities."""
+        return all(
+            "m_probability" in lvl and "u_probability" in lvl
+            for c in self.settings["comparisons"]
+            for lvl in c["comparison_levels"]
+            if not lvl.get("is_null_level")
+        )
+
+    @property
+    def prior(self) -> float:
+        """The prior probability that a candidate pair matches."""
+        return float(self.settings["probability_two_random_records_match"])
+
+    @property
+    def threshold_match_weight(self) -> float:
+        """The alert threshold expressed as a match weight."""
+        p = min(max(self.threshold, 1e-12), 1 - 1e-12)
+        return math.log2(p / (1 - p))
+
+    def level_labels(self) -> dict[str, dict[int, str]]:
+        """For each comparison, its gamma value -> plain-English label (for explanations)."""
+        out: dict[str, dict[int, str]] = {}
+        for c in self.settings["comparisons"]:
+            levels = [lvl for lvl in c["comparison_levels"] if not lvl.get("is_null_level")]
+            # Splink numbers non-null levels from the top: highest gamma = most similar.
+            n = len(levels)
+            labels = {n - 1 - i: lvl["label_for_charts"] for i, lvl in enumerate(levels)}
+            labels[-1] = "missing on one side"
+            out[c["output_column_name"]] = labels
+        return out
+
+    # ------------------------------------------------------------------ training
+    @classmethod
+    def untrained(cls, bloom: BloomSpec | None = None, *, spec_fingerprint: str = "") -> LinkageModel:
+        """A model with comparisons and blocking rules but no parameters yet."""
+        return cls(settings=model_settings(bloom), metadata={"token_spec": spec_fingerprint})
+
+    def train(
+        self,
+        engine: Any,
+        tables: Mapping[str, Any],
+        *,
+        options: TrainingOptions | None = None,
+    ) -> LinkageModel:
+        """Estimate the prior, u and m from token tables alone, then calibrate.
+
+        Args:
+            engine: A :class:`linkage.engine.SplinkEngine`.
+            tables: County id -> registered token table (``engine.register``).
+            options: Sampling sizes and seed.
+
+        Returns:
+            A new, trained and calibrated model; ``self`` is not changed.
+
+        Raises:
+            ModelError: Training failed (too few records, or Splink refused).
+        """
+        opts = options or TrainingOptions()
+        total = engine.count_rows(tables)
+        if len(tables) < 2 or total < 20:
+            raise ModelError("training needs at least two counties and twenty records")
+        linker = engine.linker(tables, copy.deepcopy(self.settings))
+        # Splink reports each EM iteration at INFO; keep it for debugging only.
+        logging.getLogger("splink").setLevel(logging.WARNING)
+        try:
+            linker.training.estimate_probability_two_random_records_match(
+                list(_PRIOR_RULES), recall=opts.prior_recall
+            )
+            linker.training.estimate_u_using_random_sampling(
+                max_pairs=opts.u_max_pairs, seed=opts.seed
+            )
+            for rule in _EM_RULES:
+                linker.training.estimate_parameters_using_expectation_maximisation(
+                    rule, max_pairs=opts.em_max_pairs
+                )
+        except (ValueError, RuntimeError) as e:
+            raise ModelError(f"training failed: {e}") from e
+        settings = _clamp(linker.misc.save_model_to_json())
+        trained = LinkageModel(settings=settings, metadata=dict(self.metadata))
+        trained.metadata.update({"trained_on_records": total, "counties": len(tables)})
+        return trained
+
+    def calibrated(self, bayes_log2: np.ndarray, counts: np.ndarray) -> LinkageModel:
+        """Re-estimate the prior among blocked candidates and choose the alert threshold.
+
+        Args:
+            bayes_log2: Distinct log2 Bayes factors (match weight without the prior) of the
+                candidate pairs, typically a histogram's bin centres.
+            counts: How many candidate pairs have each value.
+
+        Returns:
+            A model whose prior is the share of matches among candidates (a one-parameter
+            EM over the Bayes factors) and whose threshold maximises the F1 expected from
+            the calibrated probabilities. Neither step looks at any ground truth.
+        """
+        bayes = np.exp2(np.clip(bayes_log2, -200, 200))
+        prior = _candidate_prior(bayes, counts)
+        odds = bayes * (prior / (1.0 - prior))
+        threshold = _expected_f1_threshold(odds / (1.0 + odds), counts)
+        settings = copy.deepcopy(self.settings)
+        settings["probability_two_random_records_match"] = prior
+        meta = dict(self.metadata)
+        meta.update({"candidate_pairs": int(counts.sum()), "candidate_prior": prior})
+        return LinkageModel(settings=settings, threshold=threshold, metadata=meta)
+
+
+def _clamp(settings: dict[str, Any]) -> dict[str, Any]:
+    settings = copy.deepcopy(settings)
+    for c in settings["comparisons"]:
+        levels = [lvl for lvl in c["comparison_levels"] if not lvl.get("is_null_level")]
+        if any("m_probability" not in lvl or "u_probability" not in lvl for lvl in levels):
+            # A comparison whose column is empty everywhere cannot be trained: make it
+            # neutral (m = u) rather than refuse the whole model.
+            for lvl in levels:
+                lvl["m_probability"] = lvl["u_probability"] = 1.0 / len(levels)
+        for lvl in levels:
+            for key in ("m_probability", "u_probability"):
+                value = lvl.get(key)
+                if isinstance(value, (int, float)) and value < _MIN_PROBABILITY:
+                    lvl[key] = _MIN_PROBABILITY
+                elif value == "level not observed in training dataset":
+                    lvl[key] = _MIN_PROBABILITY
+    return settings
+
+
+def _candidate_prior(bayes: np.ndarray, counts: np.ndarray, *, iterations: int = 500) -> float:
+    """Mixing proportion of matches among candidates, given their Bayes factors."""
+    total = float(counts.sum())
+    if total == 0:
+        return 1e-4
+    pi = 0.1
+    for _ in range(iterations):
+        odds = bayes * (pi / (1.0 - pi))
+        new = float(np.sum(counts * odds / (1.0 + odds)) / total)
+        new = min(max(new, 1e-9), 1 - 1e-9)
+        if abs(new - pi) < 1e-9:
+            break
+        pi = new
+    return pi
+
+
+def _expected_f1_threshold(probs: np.ndarray, counts: np.ndarray) -> float:
+    """Threshold maximising expected F1 when each pair matches with its own probability."""
+    if counts.sum() == 0:
+        return DEFAULT_THRESHOLD
+    order = np.argsort(probs)[::-1]
+    p, c = probs[order], counts[order]
+    expected_tp = np.cumsum(p * c)
+    selected = np.cumsum(c)
+    f1 = 2 * expected_tp / (selected + float((p * c).sum()))
+    best = int(np.argmax(f1))
+    order = p
+    # Round down to two decimals so the threshold reads cleanly and errs towards recall.
+    return float(max(0.5, min(0.99, math.floor(order[best] * 100) / 100)))
+
+
+def pairs_frame_columns() -> list[str]:
+    """Columns of a scored-pairs frame."""
+    return [
+        "county_l",
+        "pseudonym_l",
+        "county_r",
+        "pseudonym_r",
+        "match_weight",
+        "match_probability",
+    ]
+
+
+def _as_frame(obj: Any) -> pd.DataFrame:
+    return obj if isinstance(obj, pd.DataFrame) else obj.to_pandas()

@@ -1,0 +1,368 @@
+"""The linkage flow end to end, in the two halves that the federation splits between machines.
+
+* :func:`prepare_county` is what a **node** does: read, validate, normalise and tokenise one
+  county's export. Plaintext stays in its result's ``normalised`` frame and pseudonym map; only
+  ``tokens`` may leave.
+* :func:`match_tokens` is what the **matcher** does: train (or load) the model, score blocked
+  candidates, calibrate, cluster people and roll up families, on token tables alone.
+
+:func:`link_files` runs both in one process for ``jigsaw link``; the services call the same two
+functions, so offline and federated results are the same code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from linkage.cluster import Clusters, cluster_people, link_families
+from linkage.engine import SplinkEngine
+from linkage.model import LinkageModel, TrainingOptions
+from linkage.normalise import NormalisedRecords, normalise_records
+from linkage.records import ColumnMapping, read_county_file
+from linkage.tokenise import Tokeniser, new_pseudonyms
+
+__all__ = [
+    "LinkResult",
+    "MatchResult",
+    "PreparedCounty",
+    "Stages",
+    "link_files",
+    "match_tokens",
+    "prepare_county",
+]
+
+#: Columns of a token table besides the tokens themselves.
+ID_COLUMNS = ("pseudonym", "household", "role")
+
+
+class Stages:
+    """Times named stages; an optional hook sees each one start and end (for progress bars).
+
+    Args:
+        hook: Called as ``hook(stage, None)`` on start and ``hook(stage, seconds)`` on end.
+    """
+
+    def __init__(self, hook: Callable[[str, float | None], None] | None = None) -> None:
+        self.seconds: dict[str, float] = {}
+        self._hook = hook
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        """Time the ``with`` block as stage ``name`` (times add up if a name repeats)."""
+        if self._hook:
+            self._hook(name, None)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+            if self._hook:
+                self._hook(name, elapsed)
+
+
+@dataclass
+class PreparedCounty:
+    """One county after the node's half of the flow.
+
+    Attributes:
+        county: County id.
+        normalised: Accepted records and every warning and quarantine (plaintext: stays local).
+        identities: ``pseudonym, record_id, household, household_id`` (stays local).
+        tokens: ``pseudonym, household, role`` and the token columns: the only part to publish.
+    """
+
+    county: str
+    normalised: NormalisedRecords
+    identities: pd.DataFrame
+    tokens: pd.DataFrame
+
+
+def prepare_county(
+    county: str,
+    raw: pd.DataFrame,
+    tokeniser: Tokeniser,
+    *,
+    mapping: ColumnMapping | None = None,
+    pseudonyms: Mapping[str, str] | None = None,
+    households: Mapping[str, str] | None = None,
+    seed: int | None = None,
+) -> PreparedCounty:
+    """Validate, normalise and tokenise one county's export.
+
+    Args:
+        county: County id.
+        raw: The export as read by :func:`linkage.records.read_county_file`.
+        tokeniser: The federation's tokeniser.
+        mapping: Column mapping used to read the export (for date formats and sex codes).
+        pseudonyms: Existing ``record_id -> pseudonym`` to reuse (a node's earlier loads);
+            records not in it get fresh random pseudonyms.
+        households: Existing ``household_id -> household pseudonym`` to reuse.
+        seed: Seed for the tokeniser's bit flips (tests and benchmarks only).
+    """
+    normalised = normalise_records(raw, source=county, mapping=mapping)
+    records = normalised.records.reset_index(drop=True)
+    record_ids = records["record_id"].astype(str).tolist()
+    known = pseudonyms or {}
+    fresh = iter(new_pseudonyms(sum(1 for r in record_ids if r not in known)))
+    pseudo = [known[r] if r in known else next(fresh) for r in record_ids]
+    hh_ids = records["household_id"].where(records["household_id"].notna(), None).tolist()
+    hh_known = dict(households or {})
+    missing = sorted({h for h in hh_ids if h and h not in hh_known})
+    hh_known.update(zip(missing, new_pseudonyms(len(missing)), strict=True))
+    hh_pseudo = [hh_known[h] if h else None for h in hh_ids]
+    identities = pd.DataFrame(
+        {
+            "pseudonym": pseudo,
+            "record_id": record_ids,
+            "household": hh_pseudo,
+            "household_id": hh_ids,
+        }
+    )
+    tokens = tokeniser.tokenise(records, seed=seed)
+    tokens.insert(0, "role", records["role"].astype("string"))
+    tokens.insert(0, "household", pd.array(hh_pseudo, dtype="string"))
+    tokens.insert(0, "pseudonym", pd.array(pseudo, dtype="string"))
+    return PreparedCounty(county, normalised, identities, tokens)
+
+
+@dataclass
+class MatchResult:
+    """What the matcher concludes from token tables.
+
+    Attributes:
+        model: The (trained and calibrated) model used.
+        pairs: Accepted cross-county pairs at or above the threshold, on pseudonyms, with
+            partial match weights ``mw_*`` per comparison.
+        clusters: Person clusters (``cluster_id, county, pseudonym``).
+        families: ``family_id, county, household`` for families spanning counties.
+        candidate_pairs: Number of blocked pairs scored.
+    """
+
+    model: LinkageModel
+    pairs: pd.DataFrame
+    clusters: Clusters
+    families: pd.DataFrame
+    candidate_pairs: int = 0
+
+
+def match_tokens(
+    tables: Mapping[str, pd.DataFrame],
+    *,
+    model: LinkageModel | None = None,
+    engine: SplinkEngine | None = None,
+    stages: Stages | None = None,
+    training: TrainingOptions | None = None,
+    spec_fingerprint: str = "",
+    bloom: Any = None,
+) -> MatchResult:
+    """Link county token tables: the matcher's whole batch pipeline, on tokens only.
+
+    Args:
+        tables: County id -> token table (``pseudonym, household, role`` + tokens).
+        model: A trained model to apply; if ``None`` one is trained here by EM and calibrated.
+        engine: Where Splink runs (a fresh in-memory DuckDB by default).
+        stages: Stage timer for progress and benchmarks.
+        training: Training options when a model is trained here.
+        spec_fingerprint: Token-spec fingerprint recorded in a newly trained model.
+        bloom: The token spec's ``BloomSpec`` (its Dice SQL depends on the filter length).
+    """
+    stages = stages or Stages()
+    engine = engine or SplinkEngine()
+    drop = ["household", "role"]
+    with stages("register"):
+        registered = engine.register({c: t.drop(columns=drop) for c, t in tables.items()})
+    if model is None or not model.trained:
+        with stages("train"):
+            base = model or LinkageModel.untrained(bloom, spec_fingerprint=spec_fingerprint)
+            model = base.train(engine, registered, options=training)
+        with stages("predict"):
+            predictions = engine.predict(model, registered)
+        with stages("calibrate"):
+            weights, counts = engine.bayes_histogram(predictions, model)
+            calibrated = model.calibrated(weights, counts)
+            candidate_pairs = int(counts.sum())
+    else:
+        with stages("predict"):
+            predictions = engine.predict(model, registered)
+            calibrated = model
+            candidate_pairs = engine.count_predictions(predictions)
+    with stages("select"):
+        pairs = engine.select_pairs(predictions, model, calibrated)
+    with stages("cluster"):
+        clusters = cluster_people(pairs)
+        households = pd.concat(
+            [
+                pd.DataFrame(
+                    {"county": c, "pseudonym": t["pseudonym"], "household": t["household"]}
+                )
+                for c, t in tables.items()
+            ],
+            ignore_index=True,
+        )
+        families = link_families(clusters.members, households)
+    return MatchResult(calibrated, clusters.pairs, clusters, families, candidate_pairs)
+
+
+@dataclass
+class LinkResult:
+    """Output of :func:`link_files`, re-identified to county record ids.
+
+    Attributes:
+        pairs: ``county_l, record_id_l, county_r, record_id_r, match_probability, match_weight``.
+        clusters: ``cluster_id, county, record_id``.
+        families: ``family_id, county, household_id``.
+        quarantine: ``county, row_number, record_id, reason``.
+        warnings: ``county, row_number, record_id, column, reason``.
+        match: The matcher's result on pseudonyms.
+        counts: Input, accepted and quarantined rows per county.
+        seconds: Seconds per stage.
+    """
+
+    pairs: pd.DataFrame
+    clusters: pd.DataFrame
+    families: pd.DataFrame
+    quarantine: pd.DataFrame
+    warnings: pd.DataFrame
+    match: MatchResult
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def write(self, directory: Path) -> None:
+        """Write ``pairs.csv``, ``clusters.csv``, ``families.csv``, ``quarantine.csv``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.pairs.to_csv(directory / "pairs.csv", index=False)
+        self.clusters.to_csv(directory / "clusters.csv", index=False)
+        self.families.to_csv(directory / "families.csv", index=False)
+        self.quarantine.to_csv(directory / "quarantine.csv", index=False)
+
+
+def county_id(path: Path) -> str:
+    """The county id of an export: its file name without the suffix."""
+    return path.stem
+
+
+def link_files(
+    paths: Sequence[Path],
+    tokeniser: Tokeniser,
+    *,
+    mappings: Mapping[str, ColumnMapping] | None = None,
+    model: LinkageModel | None = None,
+    engine: SplinkEngine | None = None,
+    stages: Stages | None = None,
+    training: TrainingOptions | None = None,
+    seed: int | None = None,
+) -> LinkResult:
+    """Tokenise each county file as its node would, then link the tokens as the matcher would.
+
+    Args:
+        paths: One export per county; the county id is the file's stem.
+        tokeniser: Tokeniser bound to the (possibly ephemeral) federation secret.
+        mappings: County id -> column mapping, for exports not in the canonical shape.
+        model: A trained model; trained on these tokens when omitted.
+        engine: Where Splink runs.
+        stages: Stage timer (progress display and benchmarks).
+        training: Training options.
+        seed: Seed for tokenisation bit flips (repeatable benchmarks).
+    """
+    stages = stages or Stages()
+    prepared: dict[str, PreparedCounty] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for path in paths:
+        county = county_id(path)
+        mapping = (mappings or {}).get(county)
+        with stages("read"):
+            raw = read_county_file(path, mapping=mapping)
+        with stages("tokenise"):
+            prepared[county] = prepare_county(
+                county, raw, tokeniser, mapping=mapping, seed=None if seed is None else seed + len(prepared)
+            )
+        counts[county] = {
+            "input_rows": len(raw),
+            "accepted": len(prepared[county].normalised.records),
+            "quarantined": len(prepared[county].normalised.quarantined),
+            "warnings": len(prepared[county].normalised.warnings),
+        }
+    match = match_tokens(
+        {c: p.tokens for c, p in prepared.items()},
+        model=model,
+        engine=engine,
+        stages=stages,
+        training=training,
+        spec_fingerprint=tokeniser.spec.fingerprint,
+        bloom=tokeniser.spec.bloom,
+    )
+    with stages("write"):
+        result = _reidentify(prepared, match)
+    result.counts = counts
+    result.seconds = dict(stages.seconds)
+    return result
+
+
+def _reidentify(prepared: Mapping[str, PreparedCounty], match: MatchResult) -> LinkResult:
+    ids = pd.concat(
+        [p.identities.assign(county=c) for c, p in prepared.items()], ignore_index=True
+    )
+    rid = ids.set_index(["county", "pseudonym"])["record_id"]
+    pairs = match.pairs
+    left = rid.reindex(pd.MultiIndex.from_arrays([pairs["county_l"], pairs["pseudonym_l"]]))
+    right = rid.reindex(pd.MultiIndex.from_arrays([pairs["county_r"], pairs["pseudonym_r"]]))
+    pairs_out = pd.DataFrame(
+        {
+            "county_l": pairs["county_l"].to_numpy(),
+            "record_id_l": left.to_numpy(),
+            "county_r": pairs["county_r"].to_numpy(),
+            "record_id_r": right.to_numpy(),
+            "match_probability": pairs["match_probability"].round(6).to_numpy(),
+            "match_weight": pairs["match_weight"].round(4).to_numpy(),
+        }
+    ).sort_values(["county_l", "record_id_l", "county_r", "record_id_r"], ignore_index=True)
+    members = match.clusters.members
+    clusters_out = pd.DataFrame(
+        {
+            "cluster_id": members["cluster_id"].to_numpy(),
+            "county": members["county"].to_numpy(),
+            "record_id": rid.reindex(
+                pd.MultiIndex.from_arrays([members["county"], members["pseudonym"]])
+            ).to_numpy(),
+        }
+    )
+    hh = ids.dropna(subset=["household"]).drop_duplicates(["county", "household"])
+    hh_map = hh.set_index(["county", "household"])["household_id"]
+    fam = match.families
+    families_out = pd.DataFrame(
+        {
+            "family_id": fam["family_id"].to_numpy(),
+            "county": fam["county"].to_numpy(),
+            "household_id": hh_map.reindex(
+                pd.MultiIndex.from_arrays([fam["county"], fam["household"]])
+            ).to_numpy(),
+        }
+    )
+    quarantine = [
+        (c, i.row_number, i.record_id or "", i.reason)
+        for c, p in prepared.items()
+        for i in p.normalised.quarantined
+    ]
+    warnings = [
+        (c, i.row_number, i.record_id or "", i.column or "", i.reason)
+        for c, p in prepared.items()
+        for i in p.normalised.warnings
+    ]
+    return LinkResult(
+        pairs=pairs_out,
+        clusters=clusters_out,
+        families=families_out,
+        quarantine=pd.DataFrame(quarantine, columns=["county", "row_number", "record_id", "reason"]),
+        warnings=pd.DataFrame(
+            warnings, columns=["county", "row_number", "record_id", "column", "reason"]
+        ),
+        match=match,
+    )
