@@ -195,15 +195,25 @@ class TrainingOptions:
     seed: int = 42
 
 
-#: EM sessions: each trains every comparison except the ones its rule blocks on.
-_EM_RULES: tuple[str, ...] = ("l.dob = r.dob", "l.blk_name = r.blk_name")
+#: EM sessions: each trains every comparison except the ones its rule blocks on. Splink finds
+#: those by the columns a rule names; ``blk_name`` (phonetic given + family name) fixes the
+#: names without naming their Bloom-filter columns, so the rule names them too (the added
+#: conditions hold whenever the names are present) to keep EM from training names on pairs
+#: that were chosen for having the same name.
+_EM_RULES: tuple[str, ...] = (
+    "l.dob = r.dob",
+    "l.blk_name = r.blk_name AND l.given_bf_n = l.given_bf_n AND r.family_bf_n = r.family_bf_n",
+)
 _PRIOR_RULES: tuple[str, ...] = (
     "l.nhs = r.nhs",
     "l.dob = r.dob AND l.blk_name = r.blk_name",
 )
-#: Smallest m or u probability written into a model: EM leaves a level at exactly zero when
-#: no training pair reached it, which Splink 5 then refuses to load.
-_MIN_PROBABILITY = 1e-6
+#: Smallest m and u probabilities written into a model. EM leaves a level at exactly zero (or
+#: "not observed") when no training pair reached it, which Splink 5 then refuses to load; and
+#: an m of zero would make one disagreeing field (a mistyped NHS number that still passes its
+#: check digit, a sex recorded wrongly) veto a match outright, which real data does not earn.
+_MIN_M = 0.005
+_MIN_U = 1e-6
 
 
 @dataclass
@@ -287,6 +297,37 @@ class LinkageModel:
             out[c["output_column_name"]] = labels
         return out
 
+    def explain(self, partial_weights: Mapping[str, float]) -> list[tuple[str, str, float]]:
+        """Name the comparison level behind each partial match weight of a scored pair.
+
+        Args:
+            partial_weights: ``mw_<comparison>`` (or bare comparison name) -> weight, as
+                in a predictions row.
+
+        Returns:
+            ``(comparison, level label, weight)`` for each comparison, in model order.
+            A weight of exactly zero on a comparison with a null level reads "missing".
+        """
+        out = []
+        for c in self.settings["comparisons"]:
+            name = c["output_column_name"]
+            weight = partial_weights.get(f"mw_{name}", partial_weights.get(name))
+            if weight is None or (isinstance(weight, float) and math.isnan(weight)):
+                continue
+            best, best_gap = "missing", math.inf
+            for lvl in c["comparison_levels"]:
+                if lvl.get("is_null_level"):
+                    level_weight = 0.0
+                else:
+                    m = float(lvl.get("m_probability", 1.0))
+                    u = float(lvl.get("u_probability", 1.0))
+                    level_weight = math.log2(m / u)
+                gap = abs(level_weight - float(weight))
+                if gap < best_gap:
+                    best, best_gap = lvl["label_for_charts"], gap
+            out.append((name, best, round(float(weight), 3)))
+        return out
+
     # ------------------------------------------------------------------ training
     @classmethod
     def untrained(cls, bloom: BloomSpec | None = None, *, spec_fingerprint: str = "") -> LinkageModel:
@@ -338,27 +379,38 @@ class LinkageModel:
         trained.metadata.update({"trained_on_records": total, "counties": len(tables)})
         return trained
 
-    def calibrated(self, bayes_log2: np.ndarray, counts: np.ndarray) -> LinkageModel:
-        """Re-estimate the prior among blocked candidates and choose the alert threshold.
+    def calibrated(
+        self, bayes_log2: np.ndarray, counts: np.ndarray, *, total_pairs: float
+    ) -> LinkageModel:
+        """Re-estimate the prior from the scored candidates and choose the alert threshold.
 
         Args:
             bayes_log2: Distinct log2 Bayes factors (match weight without the prior) of the
                 candidate pairs, typically a histogram's bin centres.
             counts: How many candidate pairs have each value.
+            total_pairs: Every cross-county pair there is (blocked or not).
 
         Returns:
-            A model whose prior is the share of matches among candidates (a one-parameter
-            EM over the Bayes factors) and whose threshold maximises the F1 expected from
-            the calibrated probabilities. Neither step looks at any ground truth.
+            A model whose prior is the expected number of matches among the candidates
+            divided by all pairs (a one-parameter EM, taking pairs outside the blocks as
+            non-matches), and whose threshold maximises the F1 expected from the resulting
+            probabilities. Neither step looks at any ground truth.
         """
         bayes = np.exp2(np.clip(bayes_log2, -200, 200))
-        prior = _candidate_prior(bayes, counts)
+        prior = _global_prior(bayes, counts, total_pairs, start=self.prior)
         odds = bayes * (prior / (1.0 - prior))
         threshold = _expected_f1_threshold(odds / (1.0 + odds), counts)
         settings = copy.deepcopy(self.settings)
         settings["probability_two_random_records_match"] = prior
         meta = dict(self.metadata)
-        meta.update({"candidate_pairs": int(counts.sum()), "candidate_prior": prior})
+        meta.update(
+            {
+                "candidate_pairs": int(counts.sum()),
+                "total_pairs": int(total_pairs),
+                "expected_matches": round(float(np.sum(counts * odds / (1.0 + odds))), 1),
+                "prior": prior,
+            }
+        )
         return LinkageModel(settings=settings, threshold=threshold, metadata=meta)
 
 
@@ -366,33 +418,37 @@ def _clamp(settings: dict[str, Any]) -> dict[str, Any]:
     settings = copy.deepcopy(settings)
     for c in settings["comparisons"]:
         levels = [lvl for lvl in c["comparison_levels"] if not lvl.get("is_null_level")]
-        if any("m_probability" not in lvl or "u_probability" not in lvl for lvl in levels):
+        if any(not isinstance(lvl.get("u_probability"), (int, float)) for lvl in levels):
             # A comparison whose column is empty everywhere cannot be trained: make it
             # neutral (m = u) rather than refuse the whole model.
             for lvl in levels:
                 lvl["m_probability"] = lvl["u_probability"] = 1.0 / len(levels)
         for lvl in levels:
-            for key in ("m_probability", "u_probability"):
+            for key, floor in (("m_probability", _MIN_M), ("u_probability", _MIN_U)):
                 value = lvl.get(key)
-                if isinstance(value, (int, float)) and value < _MIN_PROBABILITY:
-                    lvl[key] = _MIN_PROBABILITY
-                elif value == "level not observed in training dataset":
-                    lvl[key] = _MIN_PROBABILITY
+                if not isinstance(value, (int, float)) or value < floor:
+                    lvl[key] = floor
     return settings
 
 
-def _candidate_prior(bayes: np.ndarray, counts: np.ndarray, *, iterations: int = 500) -> float:
-    """Mixing proportion of matches among candidates, given their Bayes factors."""
-    total = float(counts.sum())
-    if total == 0:
-        return 1e-4
-    pi = 0.1
-    for _ in range(iterations):
+def _global_prior(
+    bayes: np.ndarray, counts: np.ndarray, total_pairs: float, *, start: float
+) -> float:
+    """Prior that two random records match: expected matches over all pairs, to a fixed point.
+
+    Bayes factors come from u estimated on random pairs, so the prior they combine with is
+    the one over all pairs, not the share of matches among blocked candidates (blocking on
+    date of birth would otherwise count the same evidence twice).
+    """
+    if counts.sum() == 0 or total_pairs <= 0:
+        return start
+    pi = min(max(start, 1e-12), 0.5)
+    for _ in range(500):
         odds = bayes * (pi / (1.0 - pi))
-        new = float(np.sum(counts * odds / (1.0 + odds)) / total)
-        new = min(max(new, 1e-9), 1 - 1e-9)
-        if abs(new - pi) < 1e-9:
-            break
+        new = float(np.sum(counts * odds / (1.0 + odds)) / total_pairs)
+        new = min(max(new, 1e-12), 0.5)
+        if abs(new - pi) <= 1e-6 * pi:
+            return new
         pi = new
     return pi
 

@@ -139,9 +139,10 @@ class MatchResult:
 
     Attributes:
         model: The (trained and calibrated) model used.
-        pairs: Accepted cross-county pairs at or above the threshold, on pseudonyms, with
+        pairs: Every cross-county pair at or above the threshold, on pseudonyms, with
             partial match weights ``mw_*`` per comparison.
-        clusters: Person clusters (``cluster_id, county, pseudonym``).
+        clusters: Person clusters (``cluster_id, county, pseudonym``) and the pairs they
+            accepted (``clusters.pairs``).
         families: ``family_id, county, household`` for families spanning counties.
         candidate_pairs: Number of blocked pairs scored.
     """
@@ -187,7 +188,9 @@ def match_tokens(
             predictions = engine.predict(model, registered)
         with stages("calibrate"):
             weights, counts = engine.bayes_histogram(predictions, model)
-            calibrated = model.calibrated(weights, counts)
+            calibrated = model.calibrated(
+                weights, counts, total_pairs=_cross_pairs([len(t) for t in tables.values()])
+            )
             candidate_pairs = int(counts.sum())
     else:
         with stages("predict"):
@@ -208,7 +211,13 @@ def match_tokens(
             ignore_index=True,
         )
         families = link_families(clusters.members, households)
-    return MatchResult(calibrated, clusters.pairs, clusters, families, candidate_pairs)
+    return MatchResult(calibrated, pairs, clusters, families, candidate_pairs)
+
+
+def _cross_pairs(sizes: Sequence[int]) -> float:
+    """Number of pairs of records from different counties."""
+    total = float(sum(sizes))
+    return (total * total - sum(float(n) * n for n in sizes)) / 2.0
 
 
 @dataclass
@@ -311,7 +320,7 @@ def _reidentify(prepared: Mapping[str, PreparedCounty], match: MatchResult) -> L
         [p.identities.assign(county=c) for c, p in prepared.items()], ignore_index=True
     )
     rid = ids.set_index(["county", "pseudonym"])["record_id"]
-    pairs = match.pairs
+    pairs = match.clusters.pairs
     left = rid.reindex(pd.MultiIndex.from_arrays([pairs["county_l"], pairs["pseudonym_l"]]))
     right = rid.reindex(pd.MultiIndex.from_arrays([pairs["county_r"], pairs["pseudonym_r"]]))
     pairs_out = pd.DataFrame(

@@ -1,0 +1,443 @@
+"""The central matcher as an HTTP service (FastAPI on uvicorn).
+
+Routes stay thin: they verify, validate and hand over to :class:`MatcherStore` and
+:class:`LinkIndex`. Two background threads do the work: the *scorer* links what arrived (a full
+link when there is no model yet, then only new records against the index) and the *deliverer*
+sends every queued alert, signed, to the county it concerns until that county acknowledges it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import ValidationError
+
+from federation.errors import AuthError, FederationError
+from federation.keys import load_private_key
+from federation.matcher.index import LinkIndex
+from federation.matcher.store import MatcherStore
+from federation.protocol import Ack, FeedbackBody, TokenBatch
+from federation.registry import MATCHER_ID, Registry
+from federation.settings import MatcherSettings
+from federation.signing import DuckDBNonceStore, require_sender_is, sign, verify
+from linkage.model import LinkageModel
+from linkage.tokenise import TokenSpec
+
+__all__ = ["create_app", "run"]
+
+logger = logging.getLogger("jigsaw.matcher")
+
+REFUSED = {"detail": "request refused"}
+
+
+@dataclass
+class _Metrics:
+    batches: int = 0
+    records: int = 0
+    alerts_sent: int = 0
+    delivery_failures: int = 0
+    score_rounds: int = 0
+    alert_latencies: list[float] = field(default_factory=list)
+
+
+class Matcher:
+    """The matcher's moving parts, shared by the routes and the background threads."""
+
+    def __init__(self, settings: MatcherSettings, *, client: httpx.Client | None = None) -> None:
+        self.settings = settings
+        self.registry = Registry.load(settings.registry)
+        self.key: Ed25519PrivateKey = load_private_key(settings.private_key)
+        self.spec = TokenSpec.from_toml(settings.token_spec) if settings.token_spec else TokenSpec()
+        model = LinkageModel.load(settings.model) if settings.model else None
+        mw = [
+            f"mw_{c['output_column_name']}"
+            for c in (model or LinkageModel.untrained(self.spec.bloom)).settings["comparisons"]
+        ]
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = MatcherStore(settings.database, self.spec, mw_columns=mw)
+        self.nonces = DuckDBNonceStore(self.store.conn, lock=self.store.lock)  # type: ignore[arg-type]
+        self.index = LinkIndex(self.store, self.registry, model=model, threshold=settings.threshold)
+        self.client = client or httpx.Client(timeout=httpx.Timeout(10.0, connect=2.0))
+        self.metrics = _Metrics()
+        self.work_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake_scorer = threading.Event()
+        self._wake_deliverer = threading.Event()
+        self._last_batch_at = 0.0
+        self._threads: list[threading.Thread] = []
+
+    # -------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Start the scorer and deliverer threads."""
+        for target, name in ((self._score_loop, "scorer"), (self._deliver_loop, "deliverer")):
+            thread = threading.Thread(target=target, name=f"matcher-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the current round of work, then stop the threads and close the store."""
+        self._stop.set()
+        self._wake_scorer.set()
+        self._wake_deliverer.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        self.store.close()
+
+    # -------------------------------------------------------------- scorer
+    def _score_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake_scorer.wait(self.settings.score_interval)
+            self._wake_scorer.clear()
+            try:
+                self.score_once()
+            except Exception:  # keep serving; the pending rows stay queued for the next round
+                logger.exception("scoring round failed")
+                time.sleep(1.0)
+
+    def score_once(self) -> dict[str, Any]:
+        """One scoring round: a first full link when no model exists, else new records only."""
+        with self.work_lock:
+            if self.index.model is None:
+                counts = self.store.counts()
+                quiet = time.time() - self._last_batch_at > 2.0
+                enough = counts["tokens"] >= self.settings.train_min_records
+                if counts["pending"] and quiet and enough and len(counts["counties"]) >= 2:
+                    summary = self.index.relink(retrain=True)
+                    logger.info("first link: %s", {k: v for k, v in summary.items()})
+                    self._wake_deliverer.set()
+                    return summary
+                return {"status": "waiting"}
+            report = self.index.score_pending()
+            if report.records:
+                self.metrics.score_rounds += 1
+                logger.info(
+                    "scored %d records: %d pairs, %d alert messages, %.3f s",
+                    report.records, report.pairs, report.alerts_queued, report.seconds,
+                )
+            if report.alerts_queued:
+                self._wake_deliverer.set()
+            return {"status": "scored", "records": report.records}
+
+    def relink(self, *, retrain: bool) -> dict[str, Any]:
+        """Link everything again (and retrain if asked), queueing any alert changes."""
+        with self.work_lock:
+            summary = self.index.relink(retrain=retrain)
+        self._wake_deliverer.set()
+        return summary
+
+    # -------------------------------------------------------------- deliverer
+    def _deliver_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake_deliverer.wait(self.settings.deliver_interval)
+            self._wake_deliverer.clear()
+            try:
+                while self.deliver_once() and not self._stop.is_set():
+                    pass
+            except Exception:
+                logger.exception("delivery round failed")
+                time.sleep(1.0)
+
+    def deliver_once(self, *, limit: int = 200) -> int:
+        """Send due alert messages; returns how many were acknowledged."""
+        now = time.time()
+        due = self.store.query(
+            "SELECT alert_id, county, version, state, body, attempts FROM alerts "
+            "WHERE (delivered_version IS NULL OR delivered_version < version) "
+            "AND next_attempt_at <= ? ORDER BY updated_at LIMIT ?",
+            [now, limit],
+        )
+        delivered = 0
+        for row in due.itertuples(index=False):
+            ok = self._send_alert(row.county, row.state, json.loads(row.body))
+            with self.store.lock:
+                if ok:
+                    self.store.conn.execute(
+                        "UPDATE alerts SET delivered_version = ?, attempts = 0 "
+                        "WHERE alert_id = ? AND version = ?",
+                        [row.version, row.alert_id, row.version],
+                    )
+                    delivered += 1
+                    self.metrics.alerts_sent += 1
+                else:
+                    delay = min(self.settings.retry_max_seconds, 0.25 * 2 ** min(row.attempts, 10))
+                    self.store.conn.execute(
+                        "UPDATE alerts SET attempts = attempts + 1, next_attempt_at = ? "
+                        "WHERE alert_id = ?",
+                        [time.time() + delay * random.uniform(0.8, 1.2), row.alert_id],
+                    )
+                    self.metrics.delivery_failures += 1
+        return delivered
+
+    def _send_alert(self, county: str, state: str, body: dict[str, Any]) -> bool:
+        entry = self.registry.nodes.get(county)
+        if entry is None:
+            return False
+        kind = "withdrawal" if state == "withdrawn" else "alert"
+        envelope = sign(body, kind=kind, sender=MATCHER_ID, recipient=county, private_key=self.key)
+        try:
+            response = self.client.post(f"{entry.url.rstrip('/')}/v1/alerts", json=envelope)
+        except httpx.HTTPError:
+            logger.warning("alert %s to %s: node unreachable", body["alert_id"], county)
+            return False
+        if response.status_code != 200:
+            logger.warning("alert %s to %s: HTTP %d", body["alert_id"], county, response.status_code)
+            return False
+        try:
+            message = verify(
+                response.json(),
+                expected_kind="ack",
+                recipient=MATCHER_ID,
+                public_keys=self.registry.public_keys(),
+                nonces=self.nonces,
+            )
+            require_sender_is(message, county, body_fields=())
+            ack = Ack.model_validate(message.body)
+        except (AuthError, ValidationError, ValueError):
+            logger.warning("alert %s to %s: invalid acknowledgement", body["alert_id"], county)
+            return False
+        return ack.ref == body["alert_id"]
+
+    # -------------------------------------------------------------- receiving
+    def ack(self, recipient: str, ref: str, stored: bool, count: int) -> dict[str, Any]:
+        """A signed acknowledgement for ``recipient``."""
+        body = Ack(ref=ref, status="stored" if stored else "duplicate", count=count)
+        return sign(
+            body.model_dump(by_alias=True),
+            kind="ack",
+            sender=MATCHER_ID,
+            recipient=recipient,
+            private_key=self.key,
+        )
+
+    def receive_batch(self, envelope: Any) -> dict[str, Any]:
+        """Verify, validate and store a token batch; returns the signed ack."""
+        message = verify(
+            envelope,
+            expected_kind="token_batch",
+            recipient=MATCHER_ID,
+            public_keys=self.registry.public_keys(),
+            nonces=self.nonces,
+        )
+        if message.sender == MATCHER_ID:
+            raise AuthError("the matcher does not publish tokens")
+        require_sender_is(message, message.sender)
+        batch = TokenBatch.model_validate(message.body)
+        if batch.token_spec.fingerprint != self.spec.fingerprint:
+            raise _Unprocessable("token spec mismatch: re-tokenise with the federation's spec")
+        expected = ["pseudonym", "household", "role", *self.spec.token_columns()]
+        if batch.columns != expected:
+            raise _Unprocessable("token columns do not match the federation's token spec")
+        if any(len(row) != len(expected) for row in batch.rows):
+            raise _Unprocessable("a row has the wrong number of columns")
+        stored, count = self.store.store_batch(batch, epoch=batch.token_spec.epoch)
+        self._last_batch_at = time.time()
+        if stored:
+            self.metrics.batches += 1
+            self.metrics.records += count
+            self._wake_scorer.set()
+        return self.ack(message.sender, batch.batch_id, stored, count)
+
+    def receive_feedback(self, envelope: Any) -> dict[str, Any]:
+        """Verify a clerical decision and store it as a label; returns the signed ack."""
+        message = verify(
+            envelope,
+            expected_kind="feedback",
+            recipient=MATCHER_ID,
+            public_keys=self.registry.public_keys(),
+            nonces=self.nonces,
+        )
+        require_sender_is(message, message.sender)
+        feedback = FeedbackBody.model_validate(message.body)
+        alert = self.store.alert_body(feedback.alert_id)
+        if alert is None or alert.get("county") != message.sender:
+            raise AuthError("feedback on an alert that is not the sender's")
+        stored = self.store.record_label(
+            feedback.feedback_id, feedback.alert_id, feedback.county, feedback.decision
+        )
+        if stored and self.index.model is not None:
+            with self.work_lock:
+                cluster = self.store.query(
+                    "SELECT county, pseudonym FROM clusters WHERE cluster_id = ?",
+                    [alert["cluster_id"]],
+                )
+                keys = set(zip(cluster["county"], cluster["pseudonym"], strict=True))
+                self.index.refresh_alerts(keys, [])
+            self._wake_deliverer.set()
+        return self.ack(message.sender, feedback.feedback_id, stored, 1)
+
+
+class _Unprocessable(FederationError):
+    """An authenticated message that cannot be accepted (reported to its sender as 422)."""
+
+
+def create_app(settings: MatcherSettings, *, client: httpx.Client | None = None) -> FastAPI:
+    """Build the matcher's FastAPI application (state is opened by its lifespan)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        matcher = Matcher(settings, client=client)
+        app.state.matcher = matcher
+        matcher.start()
+        logger.info("matcher ready on %s://%s:%d", settings.scheme, settings.host, settings.port)
+        try:
+            yield
+        finally:
+            matcher.stop()
+
+    app = FastAPI(title="Jigsaw matcher", version="1", lifespan=lifespan)
+
+    def matcher_of(request: Request) -> Matcher:
+        return request.app.state.matcher  # type: ignore[no-any-return]
+
+    async def signed_json(request: Request) -> Any:
+        length = int(request.headers.get("content-length") or 0)
+        if length > settings.max_request_bytes:
+            raise _TooLarge()
+        raw = await request.body()
+        if len(raw) > settings.max_request_bytes:
+            raise _TooLarge()
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise AuthError("body is not JSON") from e
+
+    def require_admin(request: Request) -> None:
+        supplied = request.headers.get("authorization", "")
+        expected = f"Bearer {settings.admin_token}"
+        if not hmac.compare_digest(supplied.encode(), expected.encode()):
+            raise AuthError("bad admin token")
+
+    @app.exception_handler(AuthError)
+    async def _auth(_: Request, exc: AuthError) -> JSONResponse:
+        logger.info("refused a request: %s", exc.reason)
+        return JSONResponse(REFUSED, status_code=401)
+
+    @app.exception_handler(_TooLarge)
+    async def _large(_: Request, __: _TooLarge) -> JSONResponse:
+        return JSONResponse({"detail": "request too large"}, status_code=413)
+
+    @app.exception_handler(_Unprocessable)
+    async def _bad(_: Request, exc: _Unprocessable) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(ValidationError)
+    async def _invalid(_: Request, exc: ValidationError) -> JSONResponse:
+        # Name the fields only: the values may be tokens, which are not echoed.
+        fields = sorted({".".join(str(p) for p in e["loc"][:2]) for e in exc.errors()})
+        return JSONResponse({"detail": "invalid message", "fields": fields[:20]}, status_code=422)
+
+    @app.post("/v1/batches")
+    async def batches(request: Request) -> JSONResponse:
+        envelope = await signed_json(request)
+        matcher = matcher_of(request)
+        import anyio
+
+        ack = await anyio.to_thread.run_sync(matcher.receive_batch, envelope)
+        return JSONResponse(ack)
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> JSONResponse:
+        envelope = await signed_json(request)
+        matcher = matcher_of(request)
+        import anyio
+
+        ack = await anyio.to_thread.run_sync(matcher.receive_feedback, envelope)
+        return JSONResponse(ack)
+
+    @app.post("/v1/admin/relink")
+    async def relink(request: Request, retrain: bool = False) -> JSONResponse:
+        require_admin(request)
+        import anyio
+
+        matcher = matcher_of(request)
+        summary = await anyio.to_thread.run_sync(lambda: matcher.relink(retrain=retrain))
+        return JSONResponse(summary)
+
+    @app.get("/v1/admin/status")
+    async def status(request: Request) -> JSONResponse:
+        require_admin(request)
+        matcher = matcher_of(request)
+        counts = matcher.store.counts()
+        model = matcher.index.model
+        counts["model"] = (
+            {"threshold": model.threshold, "prior": model.prior, **model.metadata} if model else None
+        )
+        counts["metrics"] = {
+            "batches": matcher.metrics.batches,
+            "records": matcher.metrics.records,
+            "alerts_sent": matcher.metrics.alerts_sent,
+            "delivery_failures": matcher.metrics.delivery_failures,
+        }
+        return JSONResponse(counts)
+
+    @app.get("/v1/admin/labels")
+    async def labels(request: Request) -> JSONResponse:
+        require_admin(request)
+        frame = matcher_of(request).store.query(
+            "SELECT county, decision, count(*) AS n FROM labels GROUP BY 1, 2 ORDER BY 1, 2"
+        )
+        return JSONResponse({"labels": frame.to_dict(orient="records")})
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        ready = getattr(request.app.state, "matcher", None) is not None
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> PlainTextResponse:
+        matcher = matcher_of(request)
+        counts = matcher.store.counts()
+        m = matcher.metrics
+        lines = [
+            f"jigsaw_matcher_tokens {counts['tokens']}",
+            f"jigsaw_matcher_pending_records {counts['pending']}",
+            f"jigsaw_matcher_pairs {counts['pairs']}",
+            f"jigsaw_matcher_alerts_pending {counts['alerts_pending']}",
+            f"jigsaw_matcher_alerts_delivered {counts['alerts_delivered']}",
+            f"jigsaw_matcher_batches_total {m.batches}",
+            f"jigsaw_matcher_records_total {m.records}",
+            f"jigsaw_matcher_alerts_sent_total {m.alerts_sent}",
+            f"jigsaw_matcher_delivery_failures_total {m.delivery_failures}",
+            f"jigsaw_matcher_score_rounds_total {m.score_rounds}",
+        ]
+        return PlainTextResponse("\n".join(lines) + "\n")
+
+    return app
+
+
+class _TooLarge(FederationError):
+    """A request body over the configured limit."""
+
+
+def run(settings: MatcherSettings) -> None:
+    """Serve the matcher with uvicorn until interrupted."""
+    import uvicorn
+
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
+        ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None,
+    )

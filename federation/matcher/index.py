@@ -1,0 +1,572 @@
+"""The matcher's linkage state: scoring new tokens, keeping clusters and families, and alerts.
+
+Two paths lead to the same tables, through the same linkage code:
+
+* :meth:`LinkIndex.relink` links everything stored with :func:`linkage.pipeline.match_tokens`
+  (exactly what ``jigsaw link`` runs), training and calibrating the model first if needed.
+* :meth:`LinkIndex.score_pending` scores only records that arrived or changed since, against
+  the whole index, with the stored model (Splink's ``predict_between``), then re-clusters just
+  the connected part of the graph they touch with :func:`linkage.cluster.cluster_people`.
+
+Either way, :meth:`LinkIndex.refresh_alerts` compares the alerts each county should hold with
+what was sent, and queues new versions and withdrawals for delivery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from federation.matcher.store import MatcherStore
+from federation.registry import Registry
+from linkage.cluster import cluster_people, link_families
+from linkage.engine import SplinkEngine
+from linkage.model import LinkageModel
+from linkage.pipeline import Stages, match_tokens
+
+__all__ = ["LinkIndex", "alert_id_for"]
+
+logger = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+
+
+def alert_id_for(kind: str, county: str, subject: str) -> str:
+    """Stable alert id: one person alert per record, one family alert per household."""
+    return hashlib.sha256(f"{kind}|{county}|{subject}".encode()).hexdigest()[:32]
+
+
+@dataclass
+class ScoreReport:
+    """What one scoring round did."""
+
+    records: int = 0
+    pairs: int = 0
+    alerts_queued: int = 0
+    seconds: float = 0.0
+
+
+class LinkIndex:
+    """Linkage state over a :class:`MatcherStore`.
+
+    Args:
+        store: The matcher's store.
+        registry: The federation registry (contacts for alerts).
+        model: A trained model, or ``None`` until :meth:`relink` trains one.
+        threshold: Alert threshold overriding the model's.
+    """
+
+    def __init__(
+        self,
+        store: MatcherStore,
+        registry: Registry,
+        *,
+        model: LinkageModel | None = None,
+        threshold: float | None = None,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.threshold = threshold
+        self.model: LinkageModel | None = None
+        self._linker: Any = None
+        self._engine: SplinkEngine | None = None
+        self._generation = 0
+        stored = store.get_meta("model")
+        if model is not None:
+            self._set_model(model)
+        elif stored:
+            self._set_model(LinkageModel(**_model_fields(json.loads(stored))))
+
+    # ------------------------------------------------------------------ model
+    def _set_model(self, model: LinkageModel) -> None:
+        if self.threshold is not None:
+            model.threshold = self.threshold
+        self.model = model
+        self.store.set_meta("model", json.dumps(model.to_dict()))
+        self._linker = None  # rebuilt lazily on the next scoring round
+
+    def _index_linker(self) -> Any:
+        if self._linker is None:
+            from splink import Linker
+
+            assert self.model is not None
+            # Splink's tables live in the store's database; only tokens are ever in them.
+            self._engine = SplinkEngine(connection=self.store.conn.cursor())
+            self._index = self._engine.db_api.register(
+                "tokens", table_name="token_index", dataset_display_name="index"
+            )
+            self._linker = Linker(self._index, self.model.settings, log_level=logging.WARNING)
+        return self._linker
+
+    # ------------------------------------------------------------------ full link
+    def relink(self, *, retrain: bool = False, stages: Stages | None = None) -> dict[str, Any]:
+        """Link every stored token with the batch pipeline, training first if needed."""
+        with self.store.lock:
+            tokens = self.store.conn.execute("SELECT * FROM tokens").df()
+        tables = {
+            county: frame.drop(columns=["source_dataset", "epoch", "batch_id", "stored_at"])
+            .reset_index(drop=True)
+            for county, frame in tokens.groupby("source_dataset", sort=True)
+        }
+        if len(tables) < 2:
+            return {"status": "waiting", "counties": len(tables)}
+        model = None if retrain else self.model
+        result = match_tokens(
+            tables,
+            model=model,
+            stages=stages,
+            spec_fingerprint=self.store.spec.fingerprint,
+            bloom=self.store.spec.bloom,
+        )
+        if model is None:
+            self._set_model(result.model)
+        pairs = self._pairs_frame(result.pairs)
+        members = result.clusters.members
+        with self.store.transaction() as conn:
+            conn.execute("DELETE FROM pairs")
+            conn.execute("DELETE FROM clusters")
+            conn.execute("DELETE FROM families")
+            conn.execute("DELETE FROM pending")
+            conn.register("p", pairs)
+            conn.execute("INSERT INTO pairs SELECT * FROM p")
+            conn.unregister("p")
+            conn.register("m", members)
+            conn.execute("INSERT INTO clusters SELECT cluster_id, county, pseudonym FROM m")
+            conn.unregister("m")
+            conn.register("f", result.families)
+            conn.execute("INSERT INTO families SELECT family_id, county, household FROM f")
+            conn.unregister("f")
+        queued = self.refresh_alerts(None)
+        return {
+            "status": "linked",
+            "records": int(len(tokens)),
+            "candidate_pairs": result.candidate_pairs,
+            "pairs": int(len(pairs)),
+            "clusters": int(members["cluster_id"].nunique()) if len(members) else 0,
+            "families": int(result.families["family_id"].nunique()) if len(result.families) else 0,
+            "alerts_queued": queued,
+            "threshold": self.model.threshold if self.model else None,
+        }
+
+    def _pairs_frame(self, pairs: pd.DataFrame) -> pd.DataFrame:
+        """Pairs in the store's column order, each pair once with its smaller end on the left."""
+        cols = ["county_l", "pseudonym_l", "county_r", "pseudonym_r"]
+        swap = list(zip(pairs["county_l"], pairs["pseudonym_l"], strict=True)) > list(
+            zip(pairs["county_r"], pairs["pseudonym_r"], strict=True)
+        ) if False else (
+            (pairs["county_l"] > pairs["county_r"])
+            | ((pairs["county_l"] == pairs["county_r"]) & (pairs["pseudonym_l"] > pairs["pseudonym_r"]))
+        )
+        out = pairs.copy()
+        out.loc[swap, cols] = pairs.loc[swap, ["county_r", "pseudonym_r", "county_l", "pseudonym_l"]].to_numpy()
+        keep = [*cols, "match_probability", "match_weight", *self.store.mw_columns]
+        for c in keep:
+            if c not in out:
+                out[c] = 0.0
+        return out[keep].drop_duplicates(cols).reset_index(drop=True)
+
+    # ------------------------------------------------------------------ incremental
+    def score_pending(self, *, limit: int = 20_000) -> ScoreReport:
+        """Score records that arrived or changed against the whole index; update clusters."""
+        report = ScoreReport()
+        if self.model is None:
+            return report
+        start = time.perf_counter()
+        with self.store.lock:
+            pending = self.store.conn.execute(
+                "SELECT p.source_dataset, p.pseudonym, t.pseudonym IS NOT NULL AS present "
+                "FROM pending p LEFT JOIN tokens t USING (source_dataset, pseudonym) "
+                "ORDER BY p.queued_at LIMIT ?",
+                [limit],
+            ).df()
+        if pending.empty:
+            return report
+        keys = set(zip(pending["source_dataset"], pending["pseudonym"], strict=True))
+        present = pending[pending["present"]]
+        scored = pd.DataFrame()
+        if len(present):
+            with self.store.lock:
+                new = self.store.conn.execute(
+                    "SELECT t.* EXCLUDE (epoch, batch_id, stored_at) FROM tokens t "
+                    "SEMI JOIN (SELECT * FROM pending LIMIT ?) p USING (source_dataset, pseudonym)",
+                    [limit],
+                ).arrow()
+                scored = self._predict_between(new)
+        threshold = self.model.threshold
+        if len(scored):
+            scored = scored[scored["match_probability"] >= threshold]
+        pairs = self._pairs_frame(scored) if len(scored) else scored
+        with self.store.transaction() as conn:
+            conn.register("k", pending[["source_dataset", "pseudonym"]])
+            neighbours = conn.execute(
+                "SELECT county_r, pseudonym_r FROM pairs SEMI JOIN k "
+                "ON county_l = k.source_dataset AND pseudonym_l = k.pseudonym "
+                "UNION SELECT county_l, pseudonym_l FROM pairs SEMI JOIN k "
+                "ON county_r = k.source_dataset AND pseudonym_r = k.pseudonym"
+            ).fetchall()
+            conn.execute(
+                "DELETE FROM pairs WHERE (county_l, pseudonym_l) IN (SELECT source_dataset, pseudonym FROM k) "
+                "OR (county_r, pseudonym_r) IN (SELECT source_dataset, pseudonym FROM k)"
+            )
+            if len(pairs):
+                conn.register("p", pairs)
+                conn.execute("INSERT OR REPLACE INTO pairs SELECT * FROM p")
+                conn.unregister("p")
+            conn.execute(
+                "DELETE FROM pending WHERE (source_dataset, pseudonym) IN "
+                "(SELECT source_dataset, pseudonym FROM k)"
+            )
+            conn.unregister("k")
+            seeds = keys | {(c, p) for c, p in neighbours}
+            affected = self._recluster(conn, seeds)
+            households = self._refamily(conn, affected)
+        report.records = len(pending)
+        report.pairs = len(pairs)
+        report.alerts_queued = self.refresh_alerts(affected, households)
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def _predict_between(self, new: pa.Table) -> pd.DataFrame:
+        linker = self._index_linker()
+        assert self._engine is not None
+        self._generation += 1
+        sdf = self._engine.db_api.register(new, table_name=f"new_tokens_{self._generation}")
+        pred = linker.inference.predict_between(sdf, self._index, warning_mode="never")
+        try:
+            frame = pred.as_pandas_dataframe()
+        finally:
+            pred.drop_table_from_database_and_remove_from_cache()
+        return frame.rename(
+            columns={
+                "source_dataset_l": "county_l",
+                "source_dataset_r": "county_r",
+            }
+        )
+
+    def _recluster(self, conn: Any, seeds: set[Key]) -> set[Key]:
+        """Re-cluster the connected part of the pair graph around ``seeds``."""
+        component = set(seeds)
+        old = self._cluster_members_of(conn, component)
+        component |= old
+        frontier = set(component)
+        pairs = pd.DataFrame()
+        while frontier:
+            conn.register("f", pd.DataFrame(list(frontier), columns=["c", "p"]))
+            pairs = conn.execute(
+                "SELECT * FROM pairs WHERE (county_l, pseudonym_l) IN (SELECT c, p FROM f) "
+                "OR (county_r, pseudonym_r) IN (SELECT c, p FROM f)"
+            ).df()
+            conn.unregister("f")
+            ends = set(zip(pairs["county_l"], pairs["pseudonym_l"], strict=True)) | set(
+                zip(pairs["county_r"], pairs["pseudonym_r"], strict=True)
+            )
+            frontier = ends - component
+            component |= ends
+        if component:
+            conn.register("c", pd.DataFrame(list(component), columns=["c", "p"]))
+            pairs = conn.execute(
+                "SELECT * FROM pairs WHERE (county_l, pseudonym_l) IN (SELECT c, p FROM c)"
+            ).df()
+            conn.execute(
+                "DELETE FROM clusters WHERE (county, pseudonym) IN (SELECT c, p FROM c)"
+            )
+            conn.unregister("c")
+        if len(pairs):
+            clusters = cluster_people(pairs)
+            members = clusters.members
+            if len(members):
+                conn.register("m", members)
+                conn.execute("INSERT INTO clusters SELECT cluster_id, county, pseudonym FROM m")
+                conn.unregister("m")
+        return component
+
+    @staticmethod
+    def _cluster_members_of(conn: Any, keys: set[Key]) -> set[Key]:
+        if not keys:
+            return set()
+        conn.register("q", pd.DataFrame(list(keys), columns=["c", "p"]))
+        rows = conn.execute(
+            "SELECT county, pseudonym FROM clusters WHERE cluster_id IN ("
+            "SELECT cluster_id FROM clusters WHERE (county, pseudonym) IN (SELECT c, p FROM q))"
+        ).fetchall()
+        conn.unregister("q")
+        return {(c, p) for c, p in rows}
+
+    def _refamily(self, conn: Any, records: set[Key]) -> set[Key]:
+        """Recompute the families reachable from the households of ``records``."""
+        conn.register("r", pd.DataFrame(list(records), columns=["c", "p"]))
+        start = conn.execute(
+            "SELECT source_dataset, household FROM tokens WHERE household IS NOT NULL AND "
+            "(source_dataset, pseudonym) IN (SELECT c, p FROM r) "
+            "UNION SELECT county, household FROM families WHERE family_id IN ("
+            "SELECT f.family_id FROM families f JOIN tokens t ON f.county = t.source_dataset "
+            "AND f.household = t.household WHERE (t.source_dataset, t.pseudonym) IN "
+            "(SELECT c, p FROM r))"
+        ).fetchall()
+        conn.unregister("r")
+        households: set[Key] = {(c, h) for c, h in start}
+        frontier = set(households)
+        members = pd.DataFrame(columns=["cluster_id", "county", "pseudonym", "household"])
+        while frontier:
+            conn.register("h", pd.DataFrame(list(frontier), columns=["c", "h"]))
+            members = conn.execute(
+                "SELECT cl.cluster_id, cl.county, cl.pseudonym, t.household FROM clusters cl "
+                "JOIN tokens t ON t.source_dataset = cl.county AND t.pseudonym = cl.pseudonym "
+                "WHERE cl.cluster_id IN (SELECT cl2.cluster_id FROM clusters cl2 JOIN tokens t2 "
+                "ON t2.source_dataset = cl2.county AND t2.pseudonym = cl2.pseudonym "
+                "WHERE (t2.source_dataset, t2.household) IN (SELECT c, h FROM h))"
+            ).df()
+            conn.unregister("h")
+            found = {
+                (c, h)
+                for c, h in zip(members["county"], members["household"], strict=True)
+                if h is not None and not pd.isna(h)
+            }
+            frontier = found - households
+            households |= found
+        if households:
+            conn.register("h", pd.DataFrame(list(households), columns=["c", "h"]))
+            conn.execute("DELETE FROM families WHERE (county, household) IN (SELECT c, h FROM h)")
+            conn.unregister("h")
+        if len(members):
+            hh = members[["county", "pseudonym", "household"]]
+            families = link_families(members[["cluster_id", "county", "pseudonym"]], hh)
+            if len(families):
+                conn.register("f", families)
+                conn.execute("INSERT OR REPLACE INTO families SELECT family_id, county, household FROM f")
+                conn.unregister("f")
+        return households
+
+    # ------------------------------------------------------------------ alerts
+    def refresh_alerts(
+        self, records: Iterable[Key] | None, households: Iterable[Key] | None = None
+    ) -> int:
+        """Queue the alert versions and withdrawals that the current clusters imply.
+
+        Args:
+            records: Records whose person alerts may have changed (``None``: all).
+            households: Households whose family alerts may have changed (``None`` with
+                ``records=None``: all).
+
+        Returns:
+            How many alert messages were queued.
+        """
+        assert self.model is not None
+        desired = self._desired_alerts(records, households)
+        now = time.time()
+        queued = 0
+        with self.store.transaction() as conn:
+            if records is None:
+                current = conn.execute(
+                    "SELECT alert_id, version, state, digest FROM alerts"
+                ).fetchall()
+            else:
+                ids = [alert_id_for("person", c, p) for c, p in records]
+                ids += [alert_id_for("family", c, h) for c, h in (households or [])]
+                conn.register("ids", pd.DataFrame({"alert_id": ids}))
+                current = conn.execute(
+                    "SELECT alert_id, version, state, digest FROM alerts SEMI JOIN ids USING (alert_id)"
+                ).fetchall()
+                conn.unregister("ids")
+            existing = {a: (v, s, d) for a, v, s, d in current}
+            rows = []
+            for alert_id, (county, kind, subject, body) in desired.items():
+                digest = _digest(body)
+                old = existing.get(alert_id)
+                if old and old[1] == "active" and old[2] == digest:
+                    continue
+                version = (old[0] + 1) if old else 1
+                full = {**body, "alert_id": alert_id, "version": version}
+                rows.append((alert_id, county, kind, subject, version, "active", digest, json.dumps(full), now))
+            for alert_id, (version, state, _) in existing.items():
+                if alert_id in desired or state == "withdrawn":
+                    continue
+                old_body = json.loads(
+                    conn.execute("SELECT body FROM alerts WHERE alert_id = ?", [alert_id]).fetchall()[0][0]
+                )
+                withdrawal = {
+                    "schema": "withdrawal/1",
+                    "alert_id": alert_id,
+                    "version": version + 1,
+                    "county": old_body["county"],
+                    "reason": "the records behind this alert no longer link",
+                }
+                rows.append(
+                    (alert_id, old_body["county"], old_body["kind"], old_body.get("pseudonym") or old_body.get("household") or "",
+                     version + 1, "withdrawn", "", json.dumps(withdrawal), now)
+                )
+            if rows:
+                frame = pd.DataFrame(
+                    rows,
+                    columns=["alert_id", "county", "kind", "subject", "version", "state", "digest", "body", "updated_at"],
+                )
+                conn.register("a", frame)
+                conn.execute(
+                    "INSERT INTO alerts (alert_id, county, kind, subject, version, state, digest, body, "
+                    "delivered_version, attempts, next_attempt_at, updated_at) "
+                    "SELECT alert_id, county, kind, subject, version, state, digest, body, NULL, 0, 0, updated_at "
+                    "FROM a ON CONFLICT (alert_id) DO UPDATE SET version = EXCLUDED.version, "
+                    "state = EXCLUDED.state, digest = EXCLUDED.digest, body = EXCLUDED.body, "
+                    "attempts = 0, next_attempt_at = 0, updated_at = EXCLUDED.updated_at"
+                )
+                conn.unregister("a")
+                queued = len(rows)
+        return queued
+
+    def _desired_alerts(
+        self, records: Iterable[Key] | None, households: Iterable[Key] | None
+    ) -> dict[str, tuple[str, str, str, dict[str, Any]]]:
+        assert self.model is not None
+        conn = self.store.conn
+        with self.store.lock:
+            if records is None:
+                members = conn.execute("SELECT * FROM clusters").df()
+                fams = conn.execute("SELECT * FROM families").df()
+            else:
+                keys = pd.DataFrame(list(records), columns=["c", "p"])
+                conn.register("q", keys)
+                members = conn.execute(
+                    "SELECT * FROM clusters WHERE cluster_id IN (SELECT cluster_id FROM clusters "
+                    "WHERE (county, pseudonym) IN (SELECT c, p FROM q))"
+                ).df()
+                conn.unregister("q")
+                hh = pd.DataFrame(list(households or []), columns=["c", "h"])
+                conn.register("q", hh)
+                fams = conn.execute(
+                    "SELECT * FROM families WHERE family_id IN (SELECT family_id FROM families "
+                    "WHERE (county, household) IN (SELECT c, h FROM q))"
+                ).df()
+                conn.unregister("q")
+            conn.register("m", members[["county", "pseudonym"]])
+            pairs = conn.execute(
+                "SELECT * FROM pairs WHERE (county_l, pseudonym_l) IN (SELECT county, pseudonym FROM m)"
+            ).df()
+            conn.unregister("m")
+            labels = conn.execute(
+                "SELECT a.subject, a.county, l.decision, a.kind FROM labels l "
+                "JOIN alerts a USING (alert_id) ORDER BY l.received_at"
+            ).df()
+        cluster_of = {
+            (c, p): cid
+            for cid, c, p in zip(members["cluster_id"], members["county"], members["pseudonym"], strict=True)
+        }
+        best: dict[Key, tuple[float, dict[str, float]]] = {}
+        mw_cols = self.store.mw_columns
+        for row in pairs.itertuples(index=False):
+            a, b = (row.county_l, row.pseudonym_l), (row.county_r, row.pseudonym_r)
+            if cluster_of.get(a) is None or cluster_of.get(a) != cluster_of.get(b):
+                continue
+            weights = {c: float(getattr(row, c)) for c in mw_cols}
+            for key in (a, b):
+                if key not in best or row.match_probability > best[key][0]:
+                    best[key] = (float(row.match_probability), weights)
+        reviews: dict[str, list[dict[str, str]]] = {}
+        for subject, county, decision, kind in labels.itertuples(index=False):
+            cid = cluster_of.get((county, subject)) if kind == "person" else None
+            if cid:
+                reviews.setdefault(cid, []).append({"county": county, "decision": decision})
+        out: dict[str, tuple[str, str, str, dict[str, Any]]] = {}
+        now = time.time()
+        for cid, group in members.groupby("cluster_id", sort=False):
+            counties = sorted(set(group["county"]))
+            for county, pseudonym in zip(group["county"], group["pseudonym"], strict=True):
+                prob, weights = best.get((county, pseudonym), (0.0, {}))
+                body = {
+                    "schema": "alert/1",
+                    "kind": "person",
+                    "county": county,
+                    "cluster_id": cid,
+                    "pseudonym": pseudonym,
+                    "household": None,
+                    "other_counties": self._others(counties, county),
+                    "match_probability": round(prob, 6),
+                    "explanation": [
+                        {"field": f, "level": lvl, "weight": w}
+                        for f, lvl, w in self.model.explain(weights)
+                    ],
+                    "reviews": _dedupe_reviews(reviews.get(str(cid), [])),
+                    "created_at": now,
+                }
+                out[alert_id_for("person", county, pseudonym)] = (county, "person", pseudonym, body)
+        family_prob = self._family_probability(members, best, fams)
+        for fid, group in fams.groupby("family_id", sort=False):
+            counties = sorted(set(group["county"]))
+            for county, household in zip(group["county"], group["household"], strict=True):
+                body = {
+                    "schema": "alert/1",
+                    "kind": "family",
+                    "county": county,
+                    "cluster_id": fid,
+                    "pseudonym": None,
+                    "household": household,
+                    "other_counties": self._others(counties, county),
+                    "match_probability": family_prob.get(str(fid), 0.0),
+                    "explanation": [],
+                    "reviews": [],
+                    "created_at": now,
+                }
+                out[alert_id_for("family", county, household)] = (county, "family", household, body)
+        return out
+
+    def _family_probability(
+        self, members: pd.DataFrame, best: dict[Key, tuple[float, dict[str, float]]], fams: pd.DataFrame
+    ) -> dict[str, float]:
+        if fams.empty:
+            return {}
+        with self.store.lock:
+            self.store.conn.register("f", fams)
+            rows = self.store.conn.execute(
+                "SELECT f.family_id, t.source_dataset, t.pseudonym FROM f JOIN tokens t "
+                "ON t.source_dataset = f.county AND t.household = f.household"
+            ).fetchall()
+            self.store.conn.unregister("f")
+        out: dict[str, float] = {}
+        for fid, county, pseudonym in rows:
+            prob = best.get((county, pseudonym), (0.0, {}))[0]
+            out[fid] = max(out.get(fid, 0.0), round(prob, 6))
+        return out
+
+    def _others(self, counties: list[str], county: str) -> list[dict[str, str]]:
+        others = []
+        for other in counties:
+            if other == county:
+                continue
+            entry = self.registry.nodes.get(other)
+            others.append(
+                {
+                    "county": other,
+                    "display_name": entry.display_name if entry else other,
+                    "contact_name": entry.contact.name if entry else "",
+                    "contact_email": entry.contact.email if entry else "",
+                    "contact_phone": entry.contact.phone if entry else "",
+                }
+            )
+        return others
+
+
+def _dedupe_reviews(reviews: list[dict[str, str]]) -> list[dict[str, str]]:
+    latest: dict[str, dict[str, str]] = {}
+    for r in reviews:
+        latest[r["county"]] = r
+    return [latest[c] for c in sorted(latest)]
+
+
+def _digest(body: dict[str, Any]) -> str:
+    stable = {k: v for k, v in body.items() if k != "created_at"}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _model_fields(data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "settings": data["splink_settings"],
+        "threshold": float(data["threshold"]),
+        "metadata": dict(data.get("metadata", {})),
+    }

@@ -1,0 +1,130 @@
+"""Typed settings for the two services, from a TOML file plus environment variables.
+
+Settings are passed in, never imported as globals. Precedence: command-line options, then the
+TOML file, then environment variables for whatever those leave unset (``JIGSAW_NODE_PORT=8101``,
+``JIGSAW_MATCHER_ENGINE=spark``). Paths in a file are relative to the file. See ``configs/node.example.toml`` and ``configs/matcher.example.toml``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from federation.errors import ConfigError
+
+__all__ = ["MatcherSettings", "NodeSettings", "load_settings"]
+
+_PLACEHOLDERS = {"changeme", "change-me", "secret", "password", "admin", "token", "xxx"}
+
+
+class _Common(BaseSettings):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    data_dir: Path
+    registry: Path
+    private_key: Path
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    admin_token: str = Field(min_length=24)
+    max_request_bytes: int = 64 * 1024 * 1024
+    requests_per_minute: int = 600
+    log_level: str = "INFO"
+
+    @field_validator("admin_token")
+    @classmethod
+    def _not_placeholder(cls, value: str) -> str:
+        if value.lower() in _PLACEHOLDERS or len(set(value)) < 8:
+            raise ValueError("admin_token is a placeholder; generate one with `jigsaw keys init`")
+        return value
+
+    @property
+    def database(self) -> Path:
+        """The service's DuckDB file."""
+        return self.data_dir / f"{type(self).__name__.removesuffix('Settings').lower()}.duckdb"
+
+    @property
+    def scheme(self) -> str:
+        """``https`` when a TLS certificate is configured."""
+        return "https" if self.tls_certfile else "http"
+
+
+class NodeSettings(_Common):
+    """Settings of one county's node.
+
+    Attributes:
+        node_id: This county's id in the federation registry.
+        secret: File holding the federation secret (or set ``JIGSAW_FEDERATION_SECRET``).
+        token_spec: Token spec TOML; every node of a federation must use the same one.
+        key_epoch: Current key epoch of the federation secret.
+        batch_size: Records per token batch.
+        tokenise_seed: Fixed seed for Bloom-filter bit flips (demos and tests only).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="JIGSAW_NODE_", extra="forbid")
+    node_id: str = Field(pattern=r"^[a-z0-9_-]{1,64}$")
+    secret: Path | None = None
+    token_spec: Path | None = None
+    key_epoch: int = Field(1, ge=1)
+    batch_size: int = Field(5000, ge=1, le=20_000)
+    publish_interval: float = 0.2
+    retry_max_seconds: float = 30.0
+    tokenise_seed: int | None = None
+
+
+class MatcherSettings(_Common):
+    """Settings of the central matcher.
+
+    Attributes:
+        engine: Where Splink runs: embedded ``duckdb`` or ``spark``.
+        spark_master: Spark master URL when ``engine = "spark"``.
+        model: Trained model JSON; trained from the stored tokens when absent.
+        token_spec: Token spec TOML the nodes use (the matcher checks its fingerprint only).
+        threshold: Alert threshold overriding the model's calibrated one.
+        train_min_records: Records needed before the matcher trains a model by itself.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="JIGSAW_MATCHER_", extra="forbid")
+    engine: Literal["duckdb", "spark"] = "duckdb"
+    spark_master: str = "local[2]"
+    model: Path | None = None
+    token_spec: Path | None = None
+    threshold: float | None = Field(None, gt=0, lt=1)
+    train_min_records: int = 200
+    score_interval: float = 0.05
+    deliver_interval: float = 0.05
+    retry_max_seconds: float = 30.0
+
+
+S = TypeVar("S", NodeSettings, MatcherSettings)
+
+
+def load_settings(kind: type[S], path: Path | None = None, **overrides: Any) -> S:
+    """Load settings from a TOML file (optional), the environment, then ``overrides``.
+
+    Raises:
+        ConfigError: Listing every invalid or missing setting.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"cannot read settings {path}: {e}") from e
+        base = path.resolve().parent
+        for key in ("data_dir", "registry", "private_key", "secret", "token_spec", "model",
+                    "tls_certfile", "tls_keyfile"):
+            if key in data and data[key] is not None and not Path(data[key]).is_absolute():
+                data[key] = str(base / data[key])
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return kind(**data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"invalid {kind.__name__}: {problems}") from e
