@@ -85,6 +85,8 @@ class MatcherSettings(_Common):
         token_spec: Token spec TOML the nodes use (the matcher checks its fingerprint only).
         threshold: Alert threshold overriding the model's calibrated one.
         train_min_records: Records needed before the matcher trains a model by itself.
+        auto_link: Train and link by itself once tokens stop arriving (when it has no model);
+            when false it waits for ``POST /v1/admin/relink``.
     """
 
     model_config = SettingsConfigDict(env_prefix="JIGSAW_MATCHER_", extra="forbid")
@@ -94,6 +96,7 @@ class MatcherSettings(_Common):
     token_spec: Path | None = None
     threshold: float | None = Field(None, gt=0, lt=1)
     train_min_records: int = 200
+    auto_link: bool = True
     score_interval: float = 0.05
     deliver_interval: float = 0.05
     retry_max_seconds: float = 30.0

@@ -96,10 +96,23 @@ class SplinkEngine:
 
         return Linker(list(registered.values()), settings, log_level=logging.WARNING)
 
-    def predict(self, model: LinkageModel, registered: Mapping[str, Any]) -> Any:
-        """Score every blocked candidate pair; returns Splink's result handle."""
+    def predict(
+        self, model: LinkageModel, registered: Mapping[str, Any], *, min_bayes_log2: float = 0.0
+    ) -> Any:
+        """Score every blocked candidate pair; returns Splink's result handle.
+
+        Args:
+            model: The model to score with.
+            registered: Registered county tables (:meth:`register`).
+            min_bayes_log2: Keep only pairs whose evidence (match weight less the prior) is at
+                least this; the default keeps pairs the evidence favours at all. Pairs below
+                it cannot reach any useful threshold, and dropping them in SQL keeps a
+                million-record link from materialising tens of millions of rows.
+        """
         linker = self.linker(registered, model.settings)
-        return linker.inference.predict(warning_mode="never")
+        return linker.inference.predict(
+            threshold_match_weight=min_bayes_log2 + _logit2(model.prior), warning_mode="never"
+        )
 
     def bayes_histogram(self, predictions: Any, model: LinkageModel) -> tuple[np.ndarray, np.ndarray]:
         """Histogram of candidate pairs' log2 Bayes factors: (bin centres, counts)."""

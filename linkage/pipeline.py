@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from linkage.cluster import Clusters, cluster_people, link_families
@@ -37,6 +38,9 @@ __all__ = [
     "match_tokens",
     "prepare_county",
 ]
+
+#: Token columns that order a county's rows before linking (together nearly unique).
+_ORDER_COLUMNS = ["dob", "nhs", "given_bf_0", "family_bf_0", "surnames_bf_0"]
 
 #: Columns of a token table besides the tokens themselves.
 ID_COLUMNS = ("pseudonym", "household", "role")
@@ -177,9 +181,23 @@ def match_tokens(
     """
     stages = stages or Stages()
     engine = engine or SplinkEngine()
-    drop = ["household", "role"]
     with stages("register"):
-        registered = engine.register({c: t.drop(columns=drop) for c, t in tables.items()})
+        # Counties in name order and rows in token order, so that the same tokens give the
+        # same model and pairs wherever they are linked (Splink's sampling is seeded but
+        # depends on row order); pseudonyms are random and play no part in the order.
+        ordered = {
+            county: tables[county]
+            .drop(columns=["household", "role"])
+            .sort_values(_ORDER_COLUMNS, kind="stable", na_position="last")
+            .reset_index(drop=True)
+            for county in sorted(tables)
+        }
+        # Splink keys pairs by (county, id) strings; small integers instead of 32-character
+        # pseudonyms keep a million-record link's blocked pairs a fraction of the size.
+        pseudonyms = {c: t["pseudonym"].to_numpy() for c, t in ordered.items()}
+        registered = engine.register(
+            {c: t.assign(pseudonym=np.arange(len(t), dtype=np.int64)) for c, t in ordered.items()}
+        )
     if model is None or not model.trained:
         with stages("train"):
             base = model or LinkageModel.untrained(bloom, spec_fingerprint=spec_fingerprint)
@@ -199,6 +217,11 @@ def match_tokens(
             candidate_pairs = engine.count_predictions(predictions)
     with stages("select"):
         pairs = engine.select_pairs(predictions, model, calibrated)
+        for side in ("l", "r"):
+            pairs[f"pseudonym_{side}"] = [
+                pseudonyms[c][i]
+                for c, i in zip(pairs[f"county_{side}"], pairs[f"pseudonym_{side}"], strict=True)
+            ]
     with stages("cluster"):
         clusters = cluster_people(pairs)
         households = pd.concat(

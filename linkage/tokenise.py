@@ -64,7 +64,7 @@ _KNOWN_EXACT = (
     "postcode",
     "postcode_district",
 )
-_KNOWN_BLOCKING = ("blk_name", "blk_given_yob", "blk_family_md")
+_KNOWN_BLOCKING = ("blk_name", "blk_gi", "blk_fi")
 
 
 @dataclass(frozen=True)
@@ -272,8 +272,8 @@ class Tokeniser:
             "postcode": lambda: col("postcode"),
             "postcode_district": lambda: col("postcode_district"),
             "blk_name": lambda: given_ph + "|" + family_ph,
-            "blk_given_yob": lambda: given_ph + "|" + year,
-            "blk_family_md": lambda: family_ph + "|" + month + "|" + day,
+            "blk_gi": lambda: given.str.slice(0, 1),
+            "blk_fi": lambda: family.str.slice(0, 1),
         }
         out: dict[str, Any] = {}
         for name in (*self.spec.exact, *self.spec.blocking):

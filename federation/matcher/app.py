@@ -111,6 +111,8 @@ class Matcher:
         """One scoring round: a first full link when no model exists, else new records only."""
         with self.work_lock:
             if self.index.model is None:
+                if not self.settings.auto_link:
+                    return {"status": "waiting"}
                 counts = self.store.counts()
                 quiet = time.time() - self._last_batch_at > 2.0
                 enough = counts["tokens"] >= self.settings.train_min_records

@@ -1,0 +1,439 @@
+"""``jigsaw demo``: a whole federation on this machine, every party a real HTTP server.
+
+One matcher and one node per county, each a separate process serving HTTP on loopback with its
+own DuckDB file and keys (``DIR/matcher/``, ``DIR/nodes/<county>/``). Each node ingests its
+county's file and publishes tokens; the matcher links them and delivers alerts; the demo then
+reads every inbox back through its node's own API into ``DIR/alerts/<county>.jsonl`` and
+writes ``DIR/summary.json``. With ground truth (the generated counties), it also scores the
+alerts, and the same files linked offline by ``jigsaw link``'s pipeline, side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pandas as pd
+
+from federation.errors import ConfigError, TransportError
+from federation.keys import init_federation, load_secret, secret_path
+from linkage.evaluate import cluster_pairs, pair_quality, true_household_pairs, true_person_pairs
+from linkage.pipeline import Stages, link_files
+from linkage.synthetic import generate_federation, write_federation
+from linkage.tokenise import TokenSpec
+
+__all__ = ["DemoOptions", "run_demo"]
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What ``jigsaw demo`` runs.
+
+    Attributes:
+        out: Output folder (created; a previous demo's output in it is replaced).
+        counties_dir: County exports to use; synthetic counties are generated if ``None``.
+        counties: Number of synthetic counties.
+        records: Approximate total synthetic records.
+        seed: Seed for the synthetic data and the tokens' bit flips.
+        keep_running: Leave the servers running until interrupted.
+        timeout: Seconds to wait for the federation to finish.
+    """
+
+    out: Path
+    counties_dir: Path | None = None
+    counties: int = 6
+    records: int = 15_000
+    seed: int = 7
+    keep_running: bool = False
+    timeout: float = 300.0
+
+
+@dataclass
+class _Party:
+    name: str
+    url: str
+    config: Path
+    log: Path
+    admin_token: str
+    process: subprocess.Popen[bytes] | None = None
+
+
+@dataclass
+class _Federation:
+    matcher: _Party
+    nodes: dict[str, _Party] = field(default_factory=dict)
+
+    def all(self) -> list[_Party]:
+        return [self.matcher, *self.nodes.values()]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not (out / "summary.json").exists() and not (out / "registry.toml").exists():
+            raise ConfigError(
+                [f"{out} is not empty and is not a previous demo's output; choose another --out"]
+            )
+        for child in ("matcher", "nodes", "alerts", "secret", "counties"):
+            shutil.rmtree(out / child, ignore_errors=True)
+        for name in ("registry.toml", "summary.json", "truth.csv", "link"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _county_files(options: DemoOptions, say: Say) -> tuple[list[Path], Path | None]:
+    if options.counties_dir is not None:
+        files = sorted(
+            p for p in options.counties_dir.iterdir() if p.suffix.lower() in (".csv", ".parquet")
+        )
+        if len(files) < 2:
+            raise ConfigError([f"{options.counties_dir} holds fewer than two county files"])
+        return files, None
+    say(f"Generating {options.counties} synthetic counties (~{options.records:,} records)")
+    fed = generate_federation(counties=options.counties, records=options.records, seed=options.seed)
+    truth = options.out / "truth.csv"
+    files = write_federation(fed, options.out / "counties", truth_path=truth)
+    return sorted(files), truth
+
+
+def _write_toml(path: Path, values: dict[str, Any]) -> None:
+    lines = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, (int, float)):
+            lines.append(f"{key} = {value}")
+        else:
+            lines.append(f"{key} = {json.dumps(str(value))}")
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+
+
+def _set_up(options: DemoOptions, files: Sequence[Path]) -> _Federation:
+    out = options.out
+    counties = [f.stem for f in files]
+    ports = {name: _free_port() for name in ["matcher", *counties]}
+    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    init_federation(
+        out,
+        node_ids=counties,
+        matcher_url=urls["matcher"],
+        node_urls={c: urls[c] for c in counties},
+    )
+    matcher_dir = out / "matcher"
+    matcher = _Party(
+        "matcher",
+        urls["matcher"],
+        matcher_dir / "matcher.toml",
+        matcher_dir / "matcher.log",
+        secrets.token_urlsafe(24),
+    )
+    _write_toml(
+        matcher.config,
+        {
+            "port": ports["matcher"],
+            "data_dir": str(matcher_dir),
+            "registry": str(out / "registry.toml"),
+            "private_key": str(matcher_dir / "matcher.key"),
+            "admin_token": matcher.admin_token,
+            "auto_link": False,
+        },
+    )
+    federation = _Federation(matcher)
+    for index, county in enumerate(counties):
+        node_dir = out / "nodes" / county
+        party = _Party(
+            county,
+            urls[county],
+            node_dir / "node.toml",
+            node_dir / "node.log",
+            secrets.token_urlsafe(24),
+        )
+        _write_toml(
+            party.config,
+            {
+                "node_id": county,
+                "port": ports[county],
+                "data_dir": str(node_dir),
+                "registry": str(out / "registry.toml"),
+                "private_key": str(node_dir / "node.key"),
+                "secret": str(secret_path(out)),
+                "admin_token": party.admin_token,
+                # Same bit-flip seeds as the offline link below, so both see the same tokens.
+                "tokenise_seed": options.seed + index,
+            },
+        )
+        federation.nodes[county] = party
+    return federation
+
+
+def _start(federation: _Federation) -> None:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    for party in federation.all():
+        role = "matcher" if party.name == "matcher" else "node"
+        log = open(party.log, "ab")  # noqa: SIM115 - the child process owns it
+        party.process = subprocess.Popen(
+            [sys.executable, "-m", "federation.cli", role, "serve", "--config", str(party.config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
+
+def _stop(federation: _Federation) -> None:
+    for party in federation.all():
+        if party.process and party.process.poll() is None:
+            party.process.send_signal(signal.SIGTERM)
+    for party in federation.all():
+        if party.process:
+            try:
+                party.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                party.process.kill()
+
+
+def _wait_ready(client: httpx.Client, federation: _Federation, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for party in federation.all():
+        while True:
+            if party.process and party.process.poll() is not None:
+                raise TransportError(
+                    f"{party.name} exited during start-up; see {party.log}"
+                )
+            try:
+                if client.get(f"{party.url}/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TransportError(f"{party.name} did not become ready; see {party.log}")
+            time.sleep(0.1)
+
+
+def _admin(party: _Party) -> dict[str, str]:
+    return {"Authorization": f"Bearer {party.admin_token}"}
+
+
+def _wait_until(
+    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TransportError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def run_demo(options: DemoOptions, say: Say = print) -> dict[str, Any]:
+    """Run the demo federation; returns the summary also written to ``summary.json``."""
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = options.out.resolve()
+    options = DemoOptions(**{**options.__dict__, "out": out})
+    _prepare_out(out)
+    files, truth_path = _county_files(options, say)
+    federation = _set_up(options, files)
+    client = httpx.Client(timeout=httpx.Timeout(120.0, connect=2.0))
+    say(f"Starting the matcher and {len(federation.nodes)} county nodes on loopback")
+    _start(federation)
+    try:
+        t = time.perf_counter()
+        _wait_ready(client, federation, 60)
+        timings["start_servers"] = time.perf_counter() - t
+
+        say("Each node ingests its county's file and publishes signed token batches")
+        t = time.perf_counter()
+        reports: dict[str, Any] = {}
+        errors: list[str] = []
+
+        def ingest(county: str, path: Path) -> None:
+            party = federation.nodes[county]
+            try:
+                r = client.post(
+                    f"{party.url}/v1/admin/ingest", json={"path": str(path)}, headers=_admin(party)
+                )
+                r.raise_for_status()
+                reports[county] = r.json()
+            except httpx.HTTPError as e:
+                errors.append(f"{county}: ingest failed ({e}); see {party.log}")
+
+        threads = [
+            threading.Thread(target=ingest, args=(f.stem, f)) for f in files
+        ]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        if errors:
+            raise TransportError("; ".join(errors))
+        timings["ingest"] = time.perf_counter() - t
+        accepted = sum(int(r["accepted"]) for r in reports.values())
+
+        t = time.perf_counter()
+        matcher = federation.matcher
+
+        def matcher_status() -> dict[str, Any]:
+            return dict(client.get(f"{matcher.url}/v1/admin/status", headers=_admin(matcher)).json())
+
+        _wait_until(
+            lambda: matcher_status()["tokens"] >= accepted, options.timeout, "token batches"
+        )
+        timings["publish"] = time.perf_counter() - t + timings["ingest"]
+
+        say("The matcher trains on tokens, links every county and queues alerts")
+        t = time.perf_counter()
+        r = client.post(
+            f"{matcher.url}/v1/admin/relink", params={"retrain": True}, headers=_admin(matcher)
+        )
+        r.raise_for_status()
+        link_summary = r.json()
+        timings["link"] = time.perf_counter() - t
+
+        say("Delivering signed alerts to every county involved")
+        t = time.perf_counter()
+        _wait_until(
+            lambda: matcher_status()["alerts_pending"] == 0, options.timeout, "alert delivery"
+        )
+        timings["deliver"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        alerts_dir = out / "alerts"
+        alerts_dir.mkdir(exist_ok=True)
+        inbox: dict[str, list[dict[str, Any]]] = {}
+        for county, party in federation.nodes.items():
+            r = client.get(f"{party.url}/v1/alerts", headers=_admin(party))
+            r.raise_for_status()
+            inbox[county] = list(r.json()["alerts"])
+            with open(alerts_dir / f"{county}.jsonl", "w") as f:
+                for alert in inbox[county]:
+                    f.write(json.dumps(alert, sort_keys=True) + "\n")
+        timings["read_inboxes"] = time.perf_counter() - t
+        status = matcher_status()
+        summary: dict[str, Any] = {
+            "matcher": {"url": matcher.url, "log": str(matcher.log), **link_summary},
+            "nodes": {
+                county: {
+                    "url": party.url,
+                    "inbox": f"{party.url}/inbox",
+                    "alerts_api": f"{party.url}/v1/alerts",
+                    "alerts_file": str(alerts_dir / f"{county}.jsonl"),
+                    "log": str(party.log),
+                    "ingest": reports[county],
+                    "alerts": {
+                        "person": sum(a["kind"] == "person" for a in inbox[county]),
+                        "family": sum(a["kind"] == "family" for a in inbox[county]),
+                    },
+                }
+                for county, party in federation.nodes.items()
+            },
+            "alerts_delivered": status["alerts_delivered"],
+            "alerts_pending": status["alerts_pending"],
+        }
+        if truth_path is not None:
+            t = time.perf_counter()
+            summary["quality"] = _quality(files, truth_path, inbox, out, options)
+            timings["offline_link_and_score"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - started
+        summary["seconds"] = {k: round(v, 2) for k, v in timings.items()}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        if options.keep_running:
+            summary["admin_tokens"] = {p.name: p.admin_token for p in federation.all()}
+            _print_tokens(federation, out, say)
+            say("Servers keep running; press Ctrl-C to stop them.")
+            try:
+                while all(p.process and p.process.poll() is None for p in federation.all()):
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+        return summary
+    finally:
+        client.close()
+        _stop(federation)
+
+
+def _print_tokens(federation: _Federation, out: Path, say: Say) -> None:
+    lines = [f"{p.name}\t{p.url}\t{p.admin_token}" for p in federation.all()]
+    path = out / "admin_tokens.tsv"
+    path.write_text("party\turl\tadmin_token\n" + "\n".join(lines) + "\n")
+    path.chmod(0o600)
+    say(f"Admin tokens for the running servers: {path}")
+
+
+def _alert_pairs(inbox: dict[str, list[dict[str, Any]]]) -> set[tuple[str, str, str, str]]:
+    rows = [
+        (a["cluster_id"], county, a["local_record_id"])
+        for county, alerts in inbox.items()
+        for a in alerts
+        if a["kind"] == "person" and a.get("status", "open") != "withdrawn"
+    ]
+    frame = pd.DataFrame(rows, columns=["cluster_id", "county", "record_id"])
+    return cluster_pairs(frame, cluster="cluster_id", county="county", member="record_id")
+
+
+def _quality(
+    files: Sequence[Path],
+    truth_path: Path,
+    inbox: dict[str, list[dict[str, Any]]],
+    out: Path,
+    options: DemoOptions,
+) -> dict[str, Any]:
+    truth = pd.read_csv(truth_path, dtype=str, keep_default_na=False)
+    actual = true_person_pairs(truth)
+    from_alerts = pair_quality(_alert_pairs(inbox), actual)
+    # The same files through jigsaw link's pipeline, with the same secret and seeds.
+    tokeniser = TokenSpec().bind(load_secret(secret_path(out)))
+    result = link_files(list(files), tokeniser, stages=Stages(), seed=options.seed)
+    result.write(out / "link")
+    linked = cluster_pairs(result.clusters, cluster="cluster_id", county="county", member="record_id")
+    offline = pair_quality(linked, actual)
+    households = pd.concat(
+        [
+            pd.read_csv(f, dtype=str, keep_default_na=False)[["record_id", "household_id"]].assign(
+                county=f.stem
+            )
+            for f in files
+        ]
+    )
+    family_truth = true_household_pairs(truth, households)
+    family_rows = [
+        (a["cluster_id"], county, a["local_household_id"])
+        for county, alerts in inbox.items()
+        for a in alerts
+        if a["kind"] == "family" and a.get("status", "open") != "withdrawn"
+    ]
+    family_frame = pd.DataFrame(family_rows, columns=["family_id", "county", "household_id"])
+    families = pair_quality(
+        cluster_pairs(family_frame, cluster="family_id", county="county", member="household_id"),
+        family_truth,
+    )
+    return {
+        "person_pairs_from_alerts": from_alerts.as_dict(),
+        "person_pairs_from_jigsaw_link": offline.as_dict(),
+        "families_from_alerts": families.as_dict(),
+    }
