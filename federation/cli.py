@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -185,6 +185,243 @@ def _summary(result: object, out: Path) -> None:
             indent=2,
         )
     )
+
+
+keys_app = typer.Typer(help="Create and list federation keys.", no_args_is_help=True)
+node_app = typer.Typer(help="Run a county node.", no_args_is_help=True)
+matcher_app = typer.Typer(help="Run the central matcher.", no_args_is_help=True)
+audit_app = typer.Typer(help="Check tamper-evident audit logs.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(node_app, name="node")
+app.add_typer(matcher_app, name="matcher")
+app.add_typer(audit_app, name="audit")
+
+ConfigOption = Annotated[Path, typer.Option("--config", help="Settings TOML file.")]
+
+
+@keys_app.command("init")
+def keys_init(
+    directory: Annotated[Path, typer.Argument(help="Folder for the new federation's keys.")],
+    node: Annotated[list[str], typer.Option(help="County id; repeat for each county.")],
+    matcher_url: Annotated[str, typer.Option(help="Base URL of the matcher.")],
+    node_url: Annotated[
+        list[str] | None, typer.Option(help="COUNTY=URL of a node; repeatable.")
+    ] = None,
+) -> None:
+    """Create the federation secret, every party's signing keys and the registry."""
+    from federation.errors import FederationError
+    from federation.keys import init_federation
+
+    urls = dict(item.split("=", 1) for item in node_url or [])
+    missing = [n for n in node if n not in urls]
+    if missing:
+        _fail(f"--node-url missing for: {', '.join(missing)}")
+    try:
+        registry = init_federation(directory, node_ids=node, matcher_url=matcher_url, node_urls=urls)
+    except FederationError as e:
+        _fail(str(e))
+        return
+    console.print(
+        f"Created {registry}. Give secret/federation.key to the nodes only; never to the matcher."
+    )
+
+
+@keys_app.command("list")
+def keys_list(directory: Annotated[Path, typer.Argument(help="Federation key folder.")]) -> None:
+    """List the keys in a federation folder by fingerprint (never the secret)."""
+    from federation.keys import list_keys
+
+    table = Table(title=str(directory))
+    for col in ("id", "role", "fingerprint", "path"):
+        table.add_column(col)
+    for info in list_keys(directory):
+        table.add_row(info.id, info.role, info.fingerprint, str(info.path))
+    console.print(table)
+
+
+@node_app.command("serve")
+def node_serve(config: ConfigOption) -> None:
+    """Serve a county node (its API, inbox and publisher) until interrupted."""
+    from federation.node.app import run as run_node
+    from federation.settings import NodeSettings, load_settings
+
+    run_node(_settings(lambda: load_settings(NodeSettings, config)))
+
+
+@node_app.command("ingest")
+def node_ingest(
+    file: Annotated[Path, typer.Argument(help="The county export (CSV or Parquet).")],
+    config: ConfigOption,
+    mapping_file: Annotated[
+        Path | None, typer.Option("--mapping", help="Column mapping for another export shape.")
+    ] = None,
+) -> None:
+    """Load an export into a running node, which then publishes what changed."""
+    import httpx
+
+    from federation.settings import NodeSettings, load_settings
+
+    settings = _settings(lambda: load_settings(NodeSettings, config))
+    url = f"{settings.scheme}://{settings.host}:{settings.port}/v1/admin/ingest"
+    body = {"path": str(file.resolve())}
+    if mapping_file:
+        body["mapping"] = str(mapping_file.resolve())
+    try:
+        r = httpx.post(
+            url,
+            json=body,
+            headers={"Authorization": f"Bearer {settings.admin_token}"},
+            timeout=600,
+        )
+    except httpx.HTTPError as e:
+        _fail(f"the node at {url} is not reachable ({e}); start it with `jigsaw node serve`")
+        return
+    if r.status_code != 200:
+        _fail(f"ingest refused ({r.status_code}): {r.json().get('detail', '')}")
+    console.print_json(data=r.json())
+
+
+@node_app.command("publish")
+def node_publish(config: ConfigOption) -> None:
+    """Send a stopped node's pending token batches and feedback to the matcher now."""
+    from federation.node.publisher import publish_pending
+    from federation.settings import NodeSettings, load_settings
+
+    settings = _settings(lambda: load_settings(NodeSettings, config))
+    sent = publish_pending(settings)
+    console.print(f"{sent} messages acknowledged by the matcher")
+
+
+@matcher_app.command("serve")
+def matcher_serve(config: ConfigOption) -> None:
+    """Serve the matcher until interrupted."""
+    from federation.matcher.app import run as run_matcher
+    from federation.settings import MatcherSettings, load_settings
+
+    run_matcher(_settings(lambda: load_settings(MatcherSettings, config)))
+
+
+@matcher_app.command("retrain")
+def matcher_retrain(
+    config: ConfigOption,
+    relink_only: Annotated[
+        bool, typer.Option(help="Relink with the current model instead of retraining.")
+    ] = False,
+) -> None:
+    """Re-estimate the model from every stored token and relink (on a running matcher)."""
+    import httpx
+
+    from federation.settings import MatcherSettings, load_settings
+
+    settings = _settings(lambda: load_settings(MatcherSettings, config))
+    url = f"{settings.scheme}://{settings.host}:{settings.port}/v1/admin/relink"
+    try:
+        r = httpx.post(
+            url,
+            params={"retrain": not relink_only},
+            headers={"Authorization": f"Bearer {settings.admin_token}"},
+            timeout=3600,
+        )
+    except httpx.HTTPError as e:
+        _fail(f"the matcher at {url} is not reachable ({e})")
+        return
+    if r.status_code != 200:
+        _fail(f"refused ({r.status_code})")
+    console.print_json(data=r.json())
+
+
+@audit_app.command("verify")
+def audit_verify(
+    database: Annotated[Path, typer.Argument(help="A node's or the matcher's DuckDB file.")],
+) -> None:
+    """Check a stopped service's audit log for edited, removed or reordered entries."""
+    from federation.audit import verify_audit_file
+
+    report = verify_audit_file(database)
+    for problem in report.problems:
+        console.print(f"[red]{problem}[/]")
+    console.print(f"{report.entries} entries; {'intact' if report.ok else 'TAMPERED'}")
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def demo(
+    counties: Annotated[
+        Path | None, typer.Option(help="Folder of county exports (default: generate them).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo-out"),
+    keep_running: Annotated[
+        bool, typer.Option(help="Leave the servers running for you to explore.")
+    ] = False,
+    records: Annotated[int, typer.Option(help="Synthetic records in all.")] = 15_000,
+    n_counties: Annotated[int, typer.Option("--n-counties", help="Synthetic counties.")] = 6,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic data.")] = 7,
+) -> None:
+    """Run a whole federation on this machine: a matcher and a node per county, over HTTP."""
+    from federation.demo import DemoOptions, run_demo
+    from federation.errors import FederationError
+
+    logging.basicConfig(level=logging.WARNING)
+    options = DemoOptions(
+        out=out,
+        counties_dir=counties,
+        counties=n_counties,
+        records=records,
+        seed=seed,
+        keep_running=keep_running,
+    )
+    try:
+        summary = run_demo(options, say=lambda text: console.print(f"[bold cyan]>[/] {text}"))
+    except (FederationError, LinkageError) as e:
+        _fail(str(e))
+        return
+    _demo_report(summary, out)
+
+
+def _demo_report(summary: dict[str, object], out: Path) -> None:
+    table = Table(title="Jigsaw demo federation")
+    for col in ("county", "node URL", "records", "person alerts", "family alerts", "inbox file"):
+        table.add_column(col)
+    nodes = summary["nodes"]
+    assert isinstance(nodes, dict)
+    for county, info in nodes.items():
+        table.add_row(
+            county,
+            info["url"],
+            str(info["ingest"]["accepted"]),
+            str(info["alerts"]["person"]),
+            str(info["alerts"]["family"]),
+            info["alerts_file"],
+        )
+    console.print(table)
+    quality = summary.get("quality")
+    if isinstance(quality, dict):
+        a = quality["person_pairs_from_alerts"]
+        b = quality["person_pairs_from_jigsaw_link"]
+        f = quality["families_from_alerts"]
+        console.print(
+            f"Person links from the alerts: precision {a['precision']:.4f}, recall "
+            f"{a['recall']:.4f}, F1 {a['f1']:.4f} (jigsaw link on the same files: F1 {b['f1']:.4f}); "
+            f"families: F1 {f['f1']:.4f}"
+        )
+    seconds = summary["seconds"]
+    assert isinstance(seconds, dict)
+    console.print(
+        f"Every alert delivered ({summary['alerts_delivered']} messages) in "
+        f"{seconds['total']:.1f} s. Summary: {out}/summary.json; "
+        f"inboxes: {out}/alerts/<county>.jsonl; logs: {out}/matcher/, {out}/nodes/<county>/."
+    )
+
+
+def _settings(load: object) -> Any:
+    from federation.errors import ConfigError
+
+    assert callable(load)
+    try:
+        return load()
+    except ConfigError as e:
+        _fail(str(e))
 
 
 def main() -> None:

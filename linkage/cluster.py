@@ -120,14 +120,15 @@ def link_families(members: pd.DataFrame, households: pd.DataFrame) -> pd.DataFra
     """
     joined = members.merge(households, on=["county", "pseudonym"], how="inner")
     joined = joined.dropna(subset=["household"])
+    keys = list(zip(joined["county"], joined["household"], strict=True))
+    joined = joined.assign(key=keys)
+    # Each household joins the first household of every person cluster it has a member in.
+    first = joined.groupby("cluster_id", sort=False)["key"].transform("first")
     uf = _UnionFind()
-    for _, group in joined.groupby("cluster_id", sort=False):
-        keys = list(zip(group["county"], group["household"], strict=True))
-        first = uf.find(keys[0])
-        for key in keys[1:]:
-            other = uf.find(key)
-            if other != first:
-                uf.parent[other] = first
+    for a, b in zip(first, joined["key"], strict=True):
+        ra, rb = uf.find(a), uf.find(b)
+        if ra != rb:
+            uf.parent[rb] = ra
     groups: dict[object, list[tuple[str, str]]] = {}
     for node in list(uf.parent):
         groups.setdefault(uf.find(node), []).append(node)  # type: ignore[arg-type]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -63,13 +62,14 @@ def pair_quality(predicted: Iterable[Pair], actual: Iterable[Pair]) -> Quality:
 
 def cluster_pairs(frame: pd.DataFrame, *, cluster: str, county: str, member: str) -> set[Pair]:
     """Every cross-county pair of members sharing a cluster."""
-    out: set[Pair] = set()
-    for _, group in frame.groupby(cluster, sort=False):
-        keys = list(zip(group[county], group[member], strict=True))
-        for a, b in itertools.combinations(keys, 2):
-            if a[0] != b[0]:
-                out.add(_ordered(a, b))
-    return out
+    slim = frame[[cluster, county, member]].drop_duplicates()
+    slim.columns = pd.Index(["k", "c", "m"])
+    both = slim.merge(slim, on="k", suffixes=("_l", "_r"))
+    both = both[
+        (both["c_l"] < both["c_r"]) | ((both["c_l"] == both["c_r"]) & (both["m_l"] < both["m_r"]))
+    ]
+    both = both[both["c_l"] != both["c_r"]]
+    return set(zip(both["c_l"], both["m_l"], both["c_r"], both["m_r"], strict=True))
 
 
 def true_person_pairs(truth: pd.DataFrame) -> set[Pair]:

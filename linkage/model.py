@@ -148,6 +148,15 @@ def _comparisons(bloom: BloomSpec) -> list[dict[str, Any]]:
             ],
         },
         {
+            "output_column_name": "role",
+            "comparison_description": "Child or adult (a child may have come of age since)",
+            "comparison_levels": [
+                _level(_null("role"), "missing", null=True),
+                _level("role_l = role_r", "identical"),
+                _level("ELSE", "different"),
+            ],
+        },
+        {
             "output_column_name": "postcode",
             "comparison_description": "Postcode tokens",
             "comparison_levels": [

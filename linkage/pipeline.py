@@ -187,7 +187,7 @@ def match_tokens(
         # depends on row order); pseudonyms are random and play no part in the order.
         ordered = {
             county: tables[county]
-            .drop(columns=["household", "role"])
+            .drop(columns=["household"])
             .sort_values(_ORDER_COLUMNS, kind="stable", na_position="last")
             .reset_index(drop=True)
             for county in sorted(tables)
