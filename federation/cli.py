@@ -33,7 +33,8 @@ console = Console(stderr=True)
 
 _STAGE_TEXT = {
     "read": "Reading county exports",
-    "tokenise": "Validating, normalising and tokenising",
+    "normalise": "Validating and normalising",
+    "tokenise": "Tokenising (keyed tokens and hardened Bloom filters)",
     "register": "Loading tokens into the matcher engine",
     "train": "Training the model on tokens (u by sampling, m by EM)",
     "predict": "Scoring candidate pairs",

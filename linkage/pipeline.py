@@ -98,6 +98,7 @@ def prepare_county(
     pseudonyms: Mapping[str, str] | None = None,
     households: Mapping[str, str] | None = None,
     seed: int | None = None,
+    stages: Stages | None = None,
 ) -> PreparedCounty:
     """Validate, normalise and tokenise one county's export.
 
@@ -110,8 +111,11 @@ def prepare_county(
             records not in it get fresh random pseudonyms.
         households: Existing ``household_id -> household pseudonym`` to reuse.
         seed: Seed for the tokeniser's bit flips (tests and benchmarks only).
+        stages: Stage timer (``normalise`` and ``tokenise``).
     """
-    normalised = normalise_records(raw, source=county, mapping=mapping)
+    stages = stages or Stages()
+    with stages("normalise"):
+        normalised = normalise_records(raw, source=county, mapping=mapping)
     records = normalised.records.reset_index(drop=True)
     record_ids = records["record_id"].astype(str).tolist()
     known = pseudonyms or {}
@@ -130,7 +134,8 @@ def prepare_county(
             "household_id": hh_ids,
         }
     )
-    tokens = tokeniser.tokenise(records, seed=seed)
+    with stages("tokenise"):
+        tokens = tokeniser.tokenise(records, seed=seed)
     tokens.insert(0, "role", records["role"].astype("string"))
     tokens.insert(0, "household", pd.array(hh_pseudo, dtype="string"))
     tokens.insert(0, "pseudonym", pd.array(pseudo, dtype="string"))
@@ -312,10 +317,14 @@ def link_files(
         mapping = (mappings or {}).get(county)
         with stages("read"):
             raw = read_county_file(path, mapping=mapping)
-        with stages("tokenise"):
-            prepared[county] = prepare_county(
-                county, raw, tokeniser, mapping=mapping, seed=None if seed is None else seed + len(prepared)
-            )
+        prepared[county] = prepare_county(
+            county,
+            raw,
+            tokeniser,
+            mapping=mapping,
+            seed=None if seed is None else seed + len(prepared),
+            stages=stages,
+        )
         counts[county] = {
             "input_rows": len(raw),
             "accepted": len(prepared[county].normalised.records),

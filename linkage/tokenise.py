@@ -35,6 +35,7 @@ import jellyfish
 import numpy as np
 import pandas as pd
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from linkage.errors import SecretError, TokenSpecError
@@ -225,7 +226,7 @@ class Tokeniser:
         self.epoch = epoch
         names = [*spec.exact, *spec.blocking, *(f"bloom:{f}" for f in BLOOM_FIELDS)]
         self._keys = {name: self._derive(secret, name) for name in names}
-        self._keys["flip"] = self._derive(secret, "flip")
+        self._aes = {name: self._derive(secret, f"{name}/aes") for name in names}
 
     def _derive(self, secret: bytes, purpose: str) -> bytes:
         info = f"jigsaw/{self.spec.name}/{self.spec.version}/epoch={self.epoch}/{purpose}"
@@ -252,68 +253,54 @@ class Tokeniser:
             No column holds plaintext.
         """
         n = len(records)
-        col = _ColumnGetter(records)
-        given = col("given_canonical")
-        family = col("family_name")
-        dob = col("date_of_birth")
-        year, month, day = dob.str.slice(0, 4), dob.str.slice(5, 7), dob.str.slice(8, 10)
-        lo = month.where(month <= day, day)
-        hi = day.where(month <= day, month)
-        given_ph = _phonetic(given)
-        family_ph = _phonetic(family)
-        sources: dict[str, Callable[[], pd.Series]] = {
+        # Every token is a function of a few distinct values: factorise each input column
+        # once, derive on the distinct values, and hash each distinct value once.
+        given = _Factor.of(records, "given_canonical")
+        family = _Factor.of(records, "family_name")
+        dob = _Factor.of(records, "date_of_birth")
+        sources: dict[str, Callable[[], _Factor]] = {
             "dob": lambda: dob,
-            "dob_unordered": lambda: year + "|" + lo + "|" + hi,
-            "dob_ym": lambda: year + "|" + month,
-            "dob_yd": lambda: year + "|" + day,
-            "dob_md": lambda: month + "|" + day,
-            "nhs": lambda: col("nhs_number"),
-            "sex": lambda: col("sex"),
-            "postcode": lambda: col("postcode"),
-            "postcode_district": lambda: col("postcode_district"),
-            "blk_name": lambda: given_ph + "|" + family_ph,
-            "blk_gi": lambda: given.str.slice(0, 1),
-            "blk_fi": lambda: family.str.slice(0, 1),
+            "dob_unordered": lambda: dob.derive(
+                lambda d: f"{d[:4]}|{min(d[5:7], d[8:10])}|{max(d[5:7], d[8:10])}"
+            ),
+            "dob_ym": lambda: dob.derive(lambda d: f"{d[:4]}|{d[5:7]}"),
+            "dob_yd": lambda: dob.derive(lambda d: f"{d[:4]}|{d[8:10]}"),
+            "dob_md": lambda: dob.derive(lambda d: f"{d[5:7]}|{d[8:10]}"),
+            "nhs": lambda: _Factor.of(records, "nhs_number"),
+            "sex": lambda: _Factor.of(records, "sex"),
+            "postcode": lambda: _Factor.of(records, "postcode"),
+            "postcode_district": lambda: _Factor.of(records, "postcode_district"),
+            "blk_name": lambda: given.derive(_first_word_phonetic).combine(
+                family.derive(_first_word_phonetic), lambda g, f: f"{g}|{f}"
+            ),
+            "blk_gi": lambda: given.derive(lambda g: g[:1]),
+            "blk_fi": lambda: family.derive(lambda f: f[:1]),
         }
         out: dict[str, Any] = {}
         for name in (*self.spec.exact, *self.spec.blocking):
-            out[name] = self._hash_tokens(sources[name](), self._keys[name])
+            out[name] = sources[name]().tokens(self._keys[name], self._aes[name])
 
-        previous = col("previous_family_names").str.replace(";", " ", regex=False)
-        surnames = (family.fillna("") + " " + previous.fillna("")).str.strip()
-        surnames = surnames.where(surnames != "", None)
+        previous = _Factor.of(records, "previous_family_names")
+        surnames = family.combine(
+            previous, lambda f, p: f"{f} {p.replace(';', ' ')}".strip(), either=True
+        )
         texts = {"given": given, "family": family, "surnames": surnames}
         rng = np.random.default_rng(seed)
         for f in BLOOM_FIELDS:
             words, counts, missing = self._bloom(texts[f], self._keys[f"bloom:{f}"], rng)
             for i in range(self.spec.bloom.words):
-                out[f"{f}_bf_{i}"] = pd.array(words[:, i], dtype="Int64")
-                out[f"{f}_bf_{i}"][missing] = pd.NA
-            out[f"{f}_bf_n"] = pd.array(counts, dtype="Int16")
-            out[f"{f}_bf_n"][missing] = pd.NA
-        frame = pd.DataFrame(out, index=pd.RangeIndex(n))
-        return frame
-
-    @staticmethod
-    def _hash_tokens(values: pd.Series, key: bytes) -> pd.api.extensions.ExtensionArray:
-        codes, uniques = pd.factorize(values, use_na_sentinel=True)
-        table = np.fromiter(
-            (_keyed64(u.encode(), key) for u in [*uniques.tolist(), ""]),
-            dtype=np.int64,
-            count=len(uniques) + 1,
-        )
-        result = pd.array(table[codes], dtype="Int64")
-        result[codes < 0] = pd.NA
-        return result
+                out[f"{f}_bf_{i}"] = pd.arrays.IntegerArray(words[:, i].copy(), missing)
+            out[f"{f}_bf_n"] = pd.arrays.IntegerArray(counts, missing)
+        return pd.DataFrame(out, index=pd.RangeIndex(n))
 
     def _bloom(
-        self, texts: pd.Series, key: bytes, rng: np.random.Generator
+        self, texts: _Factor, key: bytes, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         spec = self.spec.bloom
-        codes, uniques = pd.factorize(texts, use_na_sentinel=True)
+        codes, uniques = texts.codes, texts.uniques
         gram_masks: dict[str, np.ndarray] = {}
         table = np.zeros((len(uniques) + 1, spec.words), dtype=np.uint64)
-        for i, text in enumerate(uniques.tolist()):
+        for i, text in enumerate(uniques):
             for gram in _qgrams(text, spec.qgram):
                 mask = gram_masks.get(gram)
                 if mask is None:
@@ -332,17 +319,86 @@ class Tokeniser:
         return words.view(np.int64), counts, codes < 0
 
 
-class _ColumnGetter:
-    """Reads a normalised text column as a pandas string Series with real missing values."""
+class _Factor:
+    """A column as integer codes into its distinct values (code -1: missing)."""
 
-    def __init__(self, records: pd.DataFrame) -> None:
-        self._records = records
+    def __init__(self, codes: np.ndarray, uniques: list[str]) -> None:
+        self.codes = codes
+        self.uniques = uniques
 
-    def __call__(self, name: str) -> pd.Series:
-        if name not in self._records:
-            return pd.Series([None] * len(self._records), dtype="string")
-        s = self._records[name].astype("string")
-        return s.where(s.str.len() > 0, None).reset_index(drop=True)
+    @classmethod
+    def of(cls, records: pd.DataFrame, name: str) -> _Factor:
+        """Factorise a normalised text column; absent columns and empty strings are missing."""
+        if name not in records:
+            return cls(np.full(len(records), -1, dtype=np.intp), [])
+        column = records[name]
+        codes, uniques = pd.factorize(column.to_numpy(dtype=object), use_na_sentinel=True)
+        values = [str(u) for u in uniques]
+        if "" in values:  # an empty string is a missing value
+            empty = values.index("")
+            codes = np.where(codes == empty, -1, codes - (codes > empty))
+            values.pop(empty)
+        return cls(np.asarray(codes), values)
+
+    def derive(self, fn: Callable[[str], str | None]) -> _Factor:
+        """Apply ``fn`` to each distinct value (``None``/empty results become missing)."""
+        return self._remap([fn(u) for u in self.uniques], self.codes)
+
+    def combine(
+        self, other: _Factor, fn: Callable[[str, str], str], *, either: bool = False
+    ) -> _Factor:
+        """Combine two columns value by value; missing if either is (or both, if ``either``)."""
+        stride = len(other.uniques) + 1
+        pair = (self.codes + 1) * stride + (other.codes + 1)
+        distinct, inverse = np.unique(pair, return_inverse=True)
+        derived: list[str | None] = []
+        for value in distinct.tolist():
+            i, j = divmod(value, stride)
+            a = self.uniques[i - 1] if i else None
+            b = other.uniques[j - 1] if j else None
+            if a is not None and b is not None:
+                derived.append(fn(a, b))
+            elif either and (a is not None or b is not None):
+                derived.append(fn(a or "", b or ""))
+            else:
+                derived.append(None)
+        return self._remap(derived, inverse.reshape(-1))
+
+    @staticmethod
+    def _remap(derived: list[str | None], codes: np.ndarray) -> _Factor:
+        index: dict[str, int] = {}
+        mapping = np.empty(len(derived) + 1, dtype=np.intp)
+        for i, value in enumerate(derived):
+            mapping[i] = index.setdefault(value, len(index)) if value else -1
+        mapping[len(derived)] = -1
+        return _Factor(mapping[codes], list(index))
+
+    def tokens(self, key: bytes, aes_key: bytes) -> pd.arrays.IntegerArray:
+        """Keyed 64-bit tokens of the values, as a nullable integer array."""
+        table = np.append(_keyed64_many(self.uniques, key, aes_key), np.int64(0))
+        return pd.arrays.IntegerArray(table[self.codes], self.codes < 0)
+
+
+def _keyed64_many(values: list[str], key: bytes, aes_key: bytes) -> np.ndarray:
+    """Keyed 64-bit tokens: AES-256 of short values (a pseudorandom permutation of one padded
+    block, computed for a million values in one call), keyed BLAKE2b of longer ones."""
+    encoded = [v.encode() for v in values]
+    out = np.empty(len(values), dtype=np.int64)
+    short = [i for i, b in enumerate(encoded) if len(b) < 16]
+    if short:
+        # 0x80 then zeros: an injective padding, so distinct values give distinct blocks.
+        block = np.array([encoded[i] + b"\x80" for i in short], dtype="S16").tobytes()
+        encryptor = Cipher(algorithms.AES(aes_key), modes.ECB()).encryptor()
+        cipher = encryptor.update(block) + encryptor.finalize()
+        out[short] = np.frombuffer(cipher, dtype="<i8")[::2]
+    for i, b in enumerate(encoded):
+        if len(b) >= 16:
+            out[i] = _keyed64(b, key)
+    return out
+
+
+def _first_word_phonetic(name: str) -> str:
+    return str(jellyfish.nysiis(name.split(" ", 1)[0]))
 
 
 def _keyed64(data: bytes, key: bytes) -> int:
@@ -364,12 +420,3 @@ def _gram_mask(gram: str, key: bytes, spec: BloomSpec) -> np.ndarray:
     for p in positions:
         mask[p // 64] |= np.uint64(1) << np.uint64(p % 64)
     return mask
-
-
-def _phonetic(names: pd.Series) -> pd.Series:
-    """NYSIIS code of the first word of each name (missing stays missing)."""
-    codes, uniques = pd.factorize(names, use_na_sentinel=True)
-    table = np.array(
-        [jellyfish.nysiis(u.split(" ", 1)[0]) for u in uniques.tolist()] + [None], dtype=object
-    )
-    return pd.Series(table[codes], dtype="string")
