@@ -377,9 +377,11 @@ class LinkageModel:
             linker.training.estimate_u_using_random_sampling(
                 max_pairs=opts.u_max_pairs, seed=opts.seed
             )
+            # Below ~100k records every blocked pair fits; sampling would only add noise.
+            em_max_pairs = opts.em_max_pairs if total > 100_000 else None
             for rule in _EM_RULES:
                 linker.training.estimate_parameters_using_expectation_maximisation(
-                    rule, max_pairs=opts.em_max_pairs
+                    rule, max_pairs=em_max_pairs
                 )
         except (ValueError, RuntimeError) as e:
             raise ModelError(f"training failed: {e}") from e
