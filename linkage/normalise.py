@@ -356,13 +356,17 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _INVISIBLE = re.compile(r"[\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
 
 
-def _hygiene(value: str) -> list[str]:
+def _hygiene(value: str, parts: Sequence[str] = ()) -> list[str]:
+    """Notes on characters that are harmless here but dangerous downstream.
+
+    A leading ``=``, ``+``, ``-`` or ``@`` makes a spreadsheet run the cell as a formula if a
+    name is ever exported to CSV and opened; control and invisible characters can disguise a
+    name shown in an alert. Both are stripped (names keep letters only; display names lose
+    them), and reported so the county can clean its source system.
+    """
     notes = []
-    if value.startswith(_FORMULA_PREFIXES):
-        notes.append(
-            "begins with a spreadsheet formula character (=, +, - or @), "
-            "removed from the display name"
-        )
+    if any(p.startswith(_FORMULA_PREFIXES) for p in (value, *parts)):
+        notes.append("begins with a spreadsheet formula character (=, +, - or @), removed")
     if _CONTROL.search(value) or _INVISIBLE.search(value):
         notes.append("contains control or invisible characters, removed")
     return notes
@@ -399,7 +403,7 @@ def _previous_names_cell(raw: str) -> tuple[str | None, str | None]:
     if len(value) > TEXT_MAX_LENGTH:
         return None, f"is too long (more than {TEXT_MAX_LENGTH} characters); ignored"
     parts = [p.strip() for p in value.split(";")]
-    notes = _hygiene(next((p for p in parts if p.startswith(_FORMULA_PREFIXES)), value))
+    notes = _hygiene(value, parts)
     names = list(dict.fromkeys(n for n in map(normalise_name, parts) if n))
     if not names:
         return None, "; ".join([*notes, "has no letters; ignored"])

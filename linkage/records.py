@@ -493,11 +493,13 @@ def read_county_file(path: Path, *, mapping: ColumnMapping | None = None) -> pd.
     """Read a county export (CSV or Parquet) into canonical columns, every value as text.
 
     CSV files are read as UTF-8 (a byte-order mark is ignored). If some bytes are not valid
-    UTF-8, the file is re-read cell by cell: valid UTF-8 cells are kept as they are and the
+    UTF-8, the file is read again as bytes: valid UTF-8 cells are kept as they are and only the
     others are decoded as Windows-1252 (the usual culprit: an export opened and saved in
-    Excel), and every such cell is listed in the :class:`ReadReport` so that
-    ``normalise_records`` warns about it. Blank lines are skipped and do not count as rows.
-    Fields may contain quoted newlines.
+    Excel); every such cell is listed in the :class:`ReadReport` so that ``normalise_records``
+    warns about it. Nothing is replaced silently. Blank lines are skipped and do not count as
+    rows; fields may contain quoted newlines. Rows with more or fewer fields than the header
+    are padded or cut, kept, and listed in the report (``normalise_records`` quarantines them);
+    such files go through the standard-library reader, which is several times slower.
 
     Parquet columns of any simple type are turned into text: dates as ISO ``YYYY-MM-DD``, whole
     floats without ``.0`` (NHS numbers stored as floats keep their digits), nulls as ``""``.
