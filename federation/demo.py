@@ -133,9 +133,9 @@ def _write_toml(path: Path, values: dict[str, Any]) -> None:
     path.chmod(0o600)
 
 
-def _set_up(options: DemoOptions, files: Sequence[Path]) -> _Federation:
-    out = options.out
-    counties = [f.stem for f in files]
+def _set_up(
+    out: Path, counties: list[str], seeds: dict[str, int], matcher_extra: dict[str, Any]
+) -> _Federation:
     ports = {name: _free_port() for name in ["matcher", *counties]}
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     init_federation(
@@ -161,10 +161,11 @@ def _set_up(options: DemoOptions, files: Sequence[Path]) -> _Federation:
             "private_key": str(matcher_dir / "matcher.key"),
             "admin_token": matcher.admin_token,
             "auto_link": False,
+            **matcher_extra,
         },
     )
     federation = _Federation(matcher)
-    for index, county in enumerate(counties):
+    for county in counties:
         node_dir = out / "nodes" / county
         party = _Party(
             county,
@@ -183,8 +184,7 @@ def _set_up(options: DemoOptions, files: Sequence[Path]) -> _Federation:
                 "private_key": str(node_dir / "node.key"),
                 "secret": str(secret_path(out)),
                 "admin_token": party.admin_token,
-                # Same bit-flip seeds as the offline link below, so both see the same tokens.
-                "tokenise_seed": options.seed + index,
+                **({"tokenise_seed": seeds[county]} if county in seeds else {}),
             },
         )
         federation.nodes[county] = party
@@ -223,9 +223,7 @@ def _wait_ready(client: httpx.Client, federation: _Federation, timeout: float) -
     for party in federation.all():
         while True:
             if party.process and party.process.poll() is not None:
-                raise TransportError(
-                    f"{party.name} exited during start-up; see {party.log}"
-                )
+                raise TransportError(f"{party.name} exited during start-up; see {party.log}")
             try:
                 if client.get(f"{party.url}/readyz").status_code == 200:
                     break
@@ -250,6 +248,145 @@ def _wait_until(
         time.sleep(interval)
 
 
+class LocalFederation:
+    """A matcher and county nodes as separate server processes on loopback (demo and tests).
+
+    Use as a context manager: the servers start on entry and stop on exit.
+
+    Args:
+        out: Folder for keys, settings, databases and logs.
+        counties: County ids.
+        seeds: Per-county seed for the Bloom-filter bit flips (repeatable runs).
+        matcher_settings: Extra matcher settings (e.g. ``{"auto_link": True}``).
+    """
+
+    def __init__(
+        self,
+        out: Path,
+        counties: Sequence[str],
+        *,
+        seeds: dict[str, int] | None = None,
+        matcher_settings: dict[str, Any] | None = None,
+    ) -> None:
+        self.out = out
+        self.federation = _set_up(out, list(counties), seeds or {}, matcher_settings or {})
+        self.client = httpx.Client(timeout=httpx.Timeout(300.0, connect=2.0))
+
+    def __enter__(self) -> LocalFederation:
+        _start(self.federation)
+        try:
+            _wait_ready(self.client, self.federation, 60)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop every server (SIGTERM, then SIGKILL after 20 s)."""
+        self.client.close()
+        _stop(self.federation)
+
+    @property
+    def matcher(self) -> _Party:
+        """The matcher's process, URL and admin token."""
+        return self.federation.matcher
+
+    @property
+    def nodes(self) -> dict[str, _Party]:
+        """County id -> node."""
+        return self.federation.nodes
+
+    def ingest(self, county: str, path: Path) -> dict[str, Any]:
+        """Have a node ingest a file (it then publishes what changed)."""
+        party = self.nodes[county]
+        r = self.client.post(
+            f"{party.url}/v1/admin/ingest", json={"path": str(path)}, headers=_admin(party)
+        )
+        if r.status_code != 200:
+            raise TransportError(f"{county}: ingest refused ({r.status_code}); see {party.log}")
+        return dict(r.json())
+
+    def ingest_all(self, files: Sequence[Path]) -> dict[str, dict[str, Any]]:
+        """Every node ingests its county's file, all at once."""
+        reports: dict[str, dict[str, Any]] = {}
+        errors: list[str] = []
+
+        def run(path: Path) -> None:
+            try:
+                reports[path.stem] = self.ingest(path.stem, path)
+            except (TransportError, httpx.HTTPError) as e:
+                errors.append(str(e))
+
+        threads = [threading.Thread(target=run, args=(f,)) for f in files]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        if errors:
+            raise TransportError("; ".join(errors))
+        return reports
+
+    def status(self) -> dict[str, Any]:
+        """The matcher's admin status (token counts, alerts pending and delivered, model)."""
+        r = self.client.get(f"{self.matcher.url}/v1/admin/status", headers=_admin(self.matcher))
+        r.raise_for_status()
+        return dict(r.json())
+
+    def node_status(self, county: str) -> dict[str, Any]:
+        """A node's admin status."""
+        party = self.nodes[county]
+        r = self.client.get(f"{party.url}/v1/status", headers=_admin(party))
+        r.raise_for_status()
+        return dict(r.json())
+
+    def wait_for_tokens(self, count: int, timeout: float = 300) -> None:
+        """Wait until the matcher holds ``count`` records' tokens and has none queued."""
+        _wait_until(
+            lambda: (
+                ((s := self.status())["tokens"] == count and s["pending"] == 0)
+                or (s["tokens"] == count and s["model"] is None)
+            ),
+            timeout,
+            "token batches",
+        )
+
+    def wait_until_published(self, timeout: float = 300) -> None:
+        """Wait until every node's outbox is empty."""
+        _wait_until(
+            lambda: all(self.node_status(c)["outbox"]["pending"] == 0 for c in self.nodes),
+            timeout,
+            "publishing",
+        )
+
+    def relink(self, *, retrain: bool = True) -> dict[str, Any]:
+        """Ask the matcher to (re)train and link everything it holds."""
+        r = self.client.post(
+            f"{self.matcher.url}/v1/admin/relink",
+            params={"retrain": retrain},
+            headers=_admin(self.matcher),
+        )
+        r.raise_for_status()
+        return dict(r.json())
+
+    def wait_until_delivered(self, timeout: float = 300) -> None:
+        """Wait until the matcher has no pending records and no undelivered alert."""
+        _wait_until(
+            lambda: (s := self.status())["alerts_pending"] == 0 and s["pending"] == 0,
+            timeout,
+            "alert delivery",
+        )
+
+    def alerts(self, county: str, **filters: str) -> list[dict[str, Any]]:
+        """A county's alerts, read back through its node's API."""
+        party = self.nodes[county]
+        r = self.client.get(f"{party.url}/v1/alerts", headers=_admin(party), params=filters)
+        r.raise_for_status()
+        return list(r.json()["alerts"])
+
+
 def run_demo(options: DemoOptions, say: Say = print) -> dict[str, Any]:
     """Run the demo federation; returns the summary also written to ``summary.json``."""
     started = time.perf_counter()
@@ -258,85 +395,43 @@ def run_demo(options: DemoOptions, say: Say = print) -> dict[str, Any]:
     options = DemoOptions(**{**options.__dict__, "out": out})
     _prepare_out(out)
     files, truth_path = _county_files(options, say)
-    federation = _set_up(options, files)
-    client = httpx.Client(timeout=httpx.Timeout(120.0, connect=2.0))
-    say(f"Starting the matcher and {len(federation.nodes)} county nodes on loopback")
-    _start(federation)
-    try:
-        t = time.perf_counter()
-        _wait_ready(client, federation, 60)
+    seeds = {f.stem: options.seed + i for i, f in enumerate(files)}
+    local = LocalFederation(out, [f.stem for f in files], seeds=seeds)
+    say(f"Starting the matcher and {len(files)} county nodes, each its own process on loopback")
+    t = time.perf_counter()
+    with local:
         timings["start_servers"] = time.perf_counter() - t
-
         say("Each node ingests its county's file and publishes signed token batches")
         t = time.perf_counter()
-        reports: dict[str, Any] = {}
-        errors: list[str] = []
-
-        def ingest(county: str, path: Path) -> None:
-            party = federation.nodes[county]
-            try:
-                r = client.post(
-                    f"{party.url}/v1/admin/ingest", json={"path": str(path)}, headers=_admin(party)
-                )
-                r.raise_for_status()
-                reports[county] = r.json()
-            except httpx.HTTPError as e:
-                errors.append(f"{county}: ingest failed ({e}); see {party.log}")
-
-        threads = [
-            threading.Thread(target=ingest, args=(f.stem, f)) for f in files
-        ]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        if errors:
-            raise TransportError("; ".join(errors))
+        reports = local.ingest_all(files)
         timings["ingest"] = time.perf_counter() - t
         accepted = sum(int(r["accepted"]) for r in reports.values())
-
-        t = time.perf_counter()
-        matcher = federation.matcher
-
-        def matcher_status() -> dict[str, Any]:
-            return dict(client.get(f"{matcher.url}/v1/admin/status", headers=_admin(matcher)).json())
-
-        _wait_until(
-            lambda: matcher_status()["tokens"] >= accepted, options.timeout, "token batches"
-        )
-        timings["publish"] = time.perf_counter() - t + timings["ingest"]
+        local.wait_for_tokens(accepted, options.timeout)
+        timings["ingest_and_publish"] = time.perf_counter() - t
 
         say("The matcher trains on tokens, links every county and queues alerts")
         t = time.perf_counter()
-        r = client.post(
-            f"{matcher.url}/v1/admin/relink", params={"retrain": True}, headers=_admin(matcher)
-        )
-        r.raise_for_status()
-        link_summary = r.json()
-        timings["link"] = time.perf_counter() - t
+        link_summary = local.relink(retrain=True)
+        timings["train_and_link"] = time.perf_counter() - t
 
         say("Delivering signed alerts to every county involved")
         t = time.perf_counter()
-        _wait_until(
-            lambda: matcher_status()["alerts_pending"] == 0, options.timeout, "alert delivery"
-        )
+        local.wait_until_delivered(options.timeout)
         timings["deliver"] = time.perf_counter() - t
 
         t = time.perf_counter()
         alerts_dir = out / "alerts"
         alerts_dir.mkdir(exist_ok=True)
         inbox: dict[str, list[dict[str, Any]]] = {}
-        for county, party in federation.nodes.items():
-            r = client.get(f"{party.url}/v1/alerts", headers=_admin(party))
-            r.raise_for_status()
-            inbox[county] = list(r.json()["alerts"])
+        for county in local.nodes:
+            inbox[county] = local.alerts(county)
             with open(alerts_dir / f"{county}.jsonl", "w") as f:
                 for alert in inbox[county]:
                     f.write(json.dumps(alert, sort_keys=True) + "\n")
         timings["read_inboxes"] = time.perf_counter() - t
-        status = matcher_status()
+        status = local.status()
         summary: dict[str, Any] = {
-            "matcher": {"url": matcher.url, "log": str(matcher.log), **link_summary},
+            "matcher": {"url": local.matcher.url, "log": str(local.matcher.log), **link_summary},
             "nodes": {
                 county: {
                     "url": party.url,
@@ -350,7 +445,7 @@ def run_demo(options: DemoOptions, say: Say = print) -> dict[str, Any]:
                         "family": sum(a["kind"] == "family" for a in inbox[county]),
                     },
                 }
-                for county, party in federation.nodes.items()
+                for county, party in local.nodes.items()
             },
             "alerts_delivered": status["alerts_delivered"],
             "alerts_pending": status["alerts_pending"],
@@ -363,18 +458,14 @@ def run_demo(options: DemoOptions, say: Say = print) -> dict[str, Any]:
         summary["seconds"] = {k: round(v, 2) for k, v in timings.items()}
         (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
         if options.keep_running:
-            summary["admin_tokens"] = {p.name: p.admin_token for p in federation.all()}
-            _print_tokens(federation, out, say)
+            _print_tokens(local.federation, out, say)
             say("Servers keep running; press Ctrl-C to stop them.")
             try:
-                while all(p.process and p.process.poll() is None for p in federation.all()):
+                while all(p.process and p.process.poll() is None for p in local.federation.all()):
                     time.sleep(1)
             except KeyboardInterrupt:
                 pass
         return summary
-    finally:
-        client.close()
-        _stop(federation)
 
 
 def _print_tokens(federation: _Federation, out: Path, say: Say) -> None:
@@ -410,7 +501,9 @@ def _quality(
     tokeniser = TokenSpec().bind(load_secret(secret_path(out)))
     result = link_files(list(files), tokeniser, stages=Stages(), seed=options.seed)
     result.write(out / "link")
-    linked = cluster_pairs(result.clusters, cluster="cluster_id", county="county", member="record_id")
+    linked = cluster_pairs(
+        result.clusters, cluster="cluster_id", county="county", member="record_id"
+    )
     offline = pair_quality(linked, actual)
     households = pd.concat(
         [

@@ -37,7 +37,12 @@ class _Common(BaseSettings):
     @field_validator("admin_token")
     @classmethod
     def _not_placeholder(cls, value: str) -> str:
-        if value.lower() in _PLACEHOLDERS or len(set(value)) < 8:
+        lowered = value.lower()
+        if (
+            lowered in _PLACEHOLDERS
+            or len(set(value)) < 8
+            or any(word in lowered for word in ("replace", "changeme", "example", " "))
+        ):
             raise ValueError("admin_token is a placeholder; generate one with `jigsaw keys init`")
         return value
 
