@@ -148,7 +148,7 @@ class AuditLog:
         self,
         conn: duckdb.DuckDBPyConnection,
         *,
-        lock: threading.Lock | None = None,
+        lock: threading.Lock | threading.RLock | None = None,
         table: str = "audit_log",
     ) -> None:
         if not _IDENTIFIER_RE.fullmatch(table):

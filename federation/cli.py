@@ -61,9 +61,7 @@ def _input_files(inputs: list[Path]) -> list[Path]:
     files: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            files += sorted(
-                p for p in item.iterdir() if p.suffix.lower() in (".csv", ".parquet")
-            )
+            files += sorted(p for p in item.iterdir() if p.suffix.lower() in (".csv", ".parquet"))
         else:
             files.append(item)
     return files
@@ -218,7 +216,9 @@ def keys_init(
     if missing:
         _fail(f"--node-url missing for: {', '.join(missing)}")
     try:
-        registry = init_federation(directory, node_ids=node, matcher_url=matcher_url, node_urls=urls)
+        registry = init_federation(
+            directory, node_ids=node, matcher_url=matcher_url, node_urls=urls
+        )
     except FederationError as e:
         _fail(str(e))
         return
@@ -403,7 +403,8 @@ def _demo_report(summary: dict[str, object], out: Path) -> None:
         f = quality["families_from_alerts"]
         console.print(
             f"Person links from the alerts: precision {a['precision']:.4f}, recall "
-            f"{a['recall']:.4f}, F1 {a['f1']:.4f} (jigsaw link on the same files: F1 {b['f1']:.4f}); "
+            f"{a['recall']:.4f}, F1 {a['f1']:.4f} "
+            f"(jigsaw link on the same files: F1 {b['f1']:.4f}); "
             f"families: F1 {f['f1']:.4f}"
         )
     seconds = summary["seconds"]

@@ -30,6 +30,7 @@ import pandas as pd
 
 from federation.errors import ConfigError, TransportError
 from federation.keys import init_federation, load_secret, secret_path
+from federation.privacy_scan import identifier_values, scan_for_plaintext
 from linkage.evaluate import cluster_pairs, pair_quality, true_household_pairs, true_person_pairs
 from linkage.pipeline import Stages, link_files
 from linkage.synthetic import generate_federation, write_federation
@@ -430,6 +431,7 @@ def run_demo(options: DemoOptions, say: Say = print) -> dict[str, Any]:
                     f.write(json.dumps(alert, sort_keys=True) + "\n")
         timings["read_inboxes"] = time.perf_counter() - t
         status = local.status()
+        scan = scan_for_plaintext([out / "matcher"], identifier_values(files))
         summary: dict[str, Any] = {
             "matcher": {"url": local.matcher.url, "log": str(local.matcher.log), **link_summary},
             "nodes": {
@@ -449,6 +451,12 @@ def run_demo(options: DemoOptions, say: Say = print) -> dict[str, Any]:
             },
             "alerts_delivered": status["alerts_delivered"],
             "alerts_pending": status["alerts_pending"],
+            "matcher_plaintext_scan": {
+                "files": scan.files,
+                "bytes": scan.bytes_scanned,
+                "identifiers_checked": scan.values_checked,
+                "found": list(scan.found),
+            },
         }
         if truth_path is not None:
             t = time.perf_counter()

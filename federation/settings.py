@@ -2,7 +2,8 @@
 
 Settings are passed in, never imported as globals. Precedence: command-line options, then the
 TOML file, then environment variables for whatever those leave unset (``JIGSAW_NODE_PORT=8101``,
-``JIGSAW_MATCHER_ENGINE=spark``). Paths in a file are relative to the file. See ``configs/node.example.toml`` and ``configs/matcher.example.toml``.
+``JIGSAW_MATCHER_ENGINE=spark``). Paths in a file are relative to the file. See
+``configs/node.example.toml`` and ``configs/matcher.example.toml``.
 """
 
 from __future__ import annotations
@@ -124,8 +125,16 @@ def load_settings(kind: type[S], path: Path | None = None, **overrides: Any) -> 
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"cannot read settings {path}: {e}") from e
         base = path.resolve().parent
-        for key in ("data_dir", "registry", "private_key", "secret", "token_spec", "model",
-                    "tls_certfile", "tls_keyfile"):
+        for key in (
+            "data_dir",
+            "registry",
+            "private_key",
+            "secret",
+            "token_spec",
+            "model",
+            "tls_certfile",
+            "tls_keyfile",
+        ):
             if key in data and data[key] is not None and not Path(data[key]).is_absolute():
                 data[key] = str(base / data[key])
     data.update({k: v for k, v in overrides.items() if v is not None})

@@ -377,7 +377,7 @@ class DuckDBNonceStore:
         self,
         conn: duckdb.DuckDBPyConnection,
         *,
-        lock: threading.Lock | None = None,
+        lock: threading.Lock | threading.RLock | None = None,
         table: str = "seen_nonces",
         max_skew: float = DEFAULT_MAX_SKEW_SECONDS,
     ) -> None:

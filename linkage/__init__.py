@@ -17,7 +17,7 @@ from linkage.normalise import normalise_records
 from linkage.pipeline import LinkResult, link_files, match_tokens, prepare_county
 from linkage.records import ColumnMapping, read_county_file
 from linkage.synthetic import generate_federation
-from linkage.tokenise import TokenSpec, Tokeniser
+from linkage.tokenise import Tokeniser, TokenSpec
 
 __all__ = [
     "ColumnMapping",

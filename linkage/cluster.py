@@ -121,7 +121,7 @@ def link_families(members: pd.DataFrame, households: pd.DataFrame) -> pd.DataFra
     joined = members.merge(households, on=["county", "pseudonym"], how="inner")
     joined = joined.dropna(subset=["household"])
     keys = list(zip(joined["county"], joined["household"], strict=True))
-    joined = joined.assign(key=keys)
+    joined = joined.assign(key=pd.Series(keys, index=joined.index, dtype=object))
     # Each household joins the first household of every person cluster it has a member in.
     first = joined.groupby("cluster_id", sort=False)["key"].transform("first")
     uf = _UnionFind()

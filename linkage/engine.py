@@ -49,7 +49,7 @@ class SplinkEngine:
         if engine == "duckdb":
             from splink import DuckDBAPI
 
-            self.connection = connection or duckdb.connect()
+            self.connection: Any = connection or duckdb.connect()
             self.db_api: Any = DuckDBAPI(connection=self.connection)
         elif engine == "spark":
             from splink import SparkAPI
@@ -114,7 +114,9 @@ class SplinkEngine:
             threshold_match_weight=min_bayes_log2 + _logit2(model.prior), warning_mode="never"
         )
 
-    def bayes_histogram(self, predictions: Any, model: LinkageModel) -> tuple[np.ndarray, np.ndarray]:
+    def bayes_histogram(
+        self, predictions: Any, model: LinkageModel
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Histogram of candidate pairs' log2 Bayes factors: (bin centres, counts)."""
         offset = _logit2(model.prior)
         sql = (
@@ -126,7 +128,9 @@ class SplinkEngine:
 
     def count_predictions(self, predictions: Any) -> int:
         """Number of candidate pairs in a prediction result."""
-        return int(self._query(f"SELECT count(*) AS n FROM {predictions.physical_name}")["n"].iloc[0])
+        return int(
+            self._query(f"SELECT count(*) AS n FROM {predictions.physical_name}")["n"].iloc[0]
+        )
 
     def select_pairs(
         self, predictions: Any, scored_with: LinkageModel, model: LinkageModel
@@ -140,7 +144,8 @@ class SplinkEngine:
 
         Returns:
             Columns ``county_l, pseudonym_l, county_r, pseudonym_r, match_weight,
-            match_probability`` and one ``mw_<comparison>`` (partial match weight) column per comparison.
+            match_probability`` and one ``mw_<comparison>`` (partial match weight) column
+            per comparison.
         """
         shift = _logit2(model.prior) - _logit2(scored_with.prior)
         gammas = [f"mw_{c['output_column_name']}" for c in model.settings["comparisons"]]

@@ -3,7 +3,7 @@
 Hierarchy::
 
     LinkageError
-    ├── InputError            a county file cannot be read at all (missing, unreadable, no record_id)
+    ├── InputError            a county file cannot be read (missing, unreadable, no record_id)
     ├── MappingError          a column-mapping config is invalid
     ├── TokenSpecError        a token spec is invalid, or two specs disagree
     ├── ModelError            a linkage model cannot be built, trained or loaded

@@ -21,7 +21,7 @@ import copy
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,14 @@ def _overlap(field_: str, words: int) -> str:
     return f"(1.0 * ({_shared_bits(field_, words)}) / {least})"
 
 
+#: A name whose share of its county's records is at least 2**-COMMON_CLASS on both sides.
+COMMON_CLASS = 6
+
+
+def _common(field_: str) -> str:
+    return f"GREATEST({field_}_fc_l, {field_}_fc_r) <= {COMMON_CLASS}"
+
+
 def _null(*cols: str) -> str:
     return " OR ".join(f"{c}_l IS NULL OR {c}_r IS NULL" for c in cols)
 
@@ -91,12 +99,13 @@ def _comparisons(bloom: BloomSpec) -> list[dict[str, Any]]:
     return [
         {
             "output_column_name": "given_name",
-            "comparison_description": "Dice similarity of given-name Bloom filters (nicknames resolved)",
+            "comparison_description": "Dice of given-name Bloom filters (nicknames resolved)",
             "comparison_levels": [
                 _level(_null("given_bf_n"), "missing", null=True),
-                _level(f"{given} >= 0.86", "identical"),
-                _level(f"{given} >= 0.72", "very similar"),
-                _level(f"{given} >= 0.58", "similar"),
+                _level(f"{given} >= 0.88 AND {_common('given')}", "identical, a common name"),
+                _level(f"{given} >= 0.88", "identical"),
+                _level(f"{given} >= 0.75", "very similar"),
+                _level(f"{given} >= 0.6", "similar"),
                 _level("ELSE", "different"),
             ],
         },
@@ -105,13 +114,14 @@ def _comparisons(bloom: BloomSpec) -> list[dict[str, Any]]:
             "comparison_description": "Dice similarity of family-name Bloom filters",
             "comparison_levels": [
                 _level(_null("family_bf_n"), "missing", null=True),
-                _level(f"{family} >= 0.86", "identical"),
-                _level(f"{family} >= 0.72", "very similar"),
+                _level(f"{family} >= 0.88 AND {_common('family')}", "identical, a common name"),
+                _level(f"{family} >= 0.88", "identical"),
+                _level(f"{family} >= 0.75", "very similar"),
                 _level(
                     f"{_overlap('surnames', w)} >= 0.82",
                     "shares a current or previous family name",
                 ),
-                _level(f"{family} >= 0.58", "similar"),
+                _level(f"{family} >= 0.6", "similar"),
                 _level("ELSE", "different"),
             ],
         },
@@ -339,7 +349,9 @@ class LinkageModel:
 
     # ------------------------------------------------------------------ training
     @classmethod
-    def untrained(cls, bloom: BloomSpec | None = None, *, spec_fingerprint: str = "") -> LinkageModel:
+    def untrained(
+        cls, bloom: BloomSpec | None = None, *, spec_fingerprint: str = ""
+    ) -> LinkageModel:
         """A model with comparisons and blocking rules but no parameters yet."""
         return cls(settings=model_settings(bloom), metadata={"token_spec": spec_fingerprint})
 

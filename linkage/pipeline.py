@@ -137,8 +137,8 @@ def prepare_county(
     with stages("tokenise"):
         tokens = tokeniser.tokenise(records, seed=seed)
     tokens.insert(0, "role", records["role"].astype("string"))
-    tokens.insert(0, "household", pd.array(hh_pseudo, dtype="string"))
-    tokens.insert(0, "pseudonym", pd.array(pseudo, dtype="string"))
+    tokens.insert(0, "household", pd.Series(hh_pseudo, dtype="string"))
+    tokens.insert(0, "pseudonym", pd.Series(pseudo, dtype="string"))
     return PreparedCounty(county, normalised, identities, tokens)
 
 
@@ -348,9 +348,7 @@ def link_files(
 
 
 def _reidentify(prepared: Mapping[str, PreparedCounty], match: MatchResult) -> LinkResult:
-    ids = pd.concat(
-        [p.identities.assign(county=c) for c, p in prepared.items()], ignore_index=True
-    )
+    ids = pd.concat([p.identities.assign(county=c) for c, p in prepared.items()], ignore_index=True)
     rid = ids.set_index(["county", "pseudonym"])["record_id"]
     pairs = match.clusters.pairs
     left = rid.reindex(pd.MultiIndex.from_arrays([pairs["county_l"], pairs["pseudonym_l"]]))
@@ -401,7 +399,9 @@ def _reidentify(prepared: Mapping[str, PreparedCounty], match: MatchResult) -> L
         pairs=pairs_out,
         clusters=clusters_out,
         families=families_out,
-        quarantine=pd.DataFrame(quarantine, columns=["county", "row_number", "record_id", "reason"]),
+        quarantine=pd.DataFrame(
+            quarantine, columns=["county", "row_number", "record_id", "reason"]
+        ),
         warnings=pd.DataFrame(
             warnings, columns=["county", "row_number", "record_id", "column", "reason"]
         ),

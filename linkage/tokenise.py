@@ -67,6 +67,12 @@ _KNOWN_EXACT = (
 )
 _KNOWN_BLOCKING = ("blk_name", "blk_gi", "blk_fi")
 
+#: Coarse frequency classes of the given and family name within the county's own records:
+#: ``floor(-log2(share))``, capped at 15. They let the model weigh agreement on a common name
+#: less than on a rare one (what term-frequency adjustment does in plaintext linkage) while
+#: revealing only which of a handful of frequency bands a name falls in.
+FREQUENCY_COLUMNS: tuple[str, ...] = ("given_fc", "family_fc")
+
 
 @dataclass(frozen=True)
 class BloomSpec:
@@ -80,9 +86,9 @@ class BloomSpec:
     """
 
     bits: int = 256
-    hash_count: int = 10
+    hash_count: int = 15
     qgram: int = 2
-    flip_probability: float = 1 / 32
+    flip_probability: float = 1 / 64
 
     @property
     def words(self) -> int:
@@ -94,8 +100,8 @@ class BloomSpec:
         out = []
         if self.bits <= 0 or self.bits % 64 or self.bits > 4096:
             out.append("bloom.bits must be a positive multiple of 64, at most 4096")
-        if not 1 <= self.hash_count <= 64:
-            out.append("bloom.hash_count must be between 1 and 64")
+        if not 1 <= self.hash_count <= 32:
+            out.append("bloom.hash_count must be between 1 and 32")
         if not 1 <= self.qgram <= 4:
             out.append("bloom.qgram must be between 1 and 4")
         if self.flip_probability != 0 and _flip_exponent(self.flip_probability) is None:
@@ -176,7 +182,7 @@ class TokenSpec:
 
     def token_columns(self) -> list[str]:
         """Names of the token columns a tokeniser bound to this spec emits, in order."""
-        return [*self.exact, *self.blocking, *bloom_columns(self.bloom)]
+        return [*self.exact, *self.blocking, *bloom_columns(self.bloom), *FREQUENCY_COLUMNS]
 
     def bind(self, secret: bytes, *, epoch: int = 1) -> Tokeniser:
         """Bind a federation secret to this spec, giving a tokeniser.
@@ -230,7 +236,9 @@ class Tokeniser:
 
     def _derive(self, secret: bytes, purpose: str) -> bytes:
         info = f"jigsaw/{self.spec.name}/{self.spec.version}/epoch={self.epoch}/{purpose}"
-        hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"jigsaw-token-keys/v1", info=info.encode())
+        hkdf = HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=b"jigsaw-token-keys/v1", info=info.encode()
+        )
         return hkdf.derive(secret)
 
     def __repr__(self) -> str:  # never show keys
@@ -284,6 +292,8 @@ class Tokeniser:
         surnames = family.combine(
             previous, lambda f, p: f"{f} {p.replace(';', ' ')}".strip(), either=True
         )
+        out["given_fc"] = given.frequency_classes()
+        out["family_fc"] = family.frequency_classes()
         texts = {"given": given, "family": family, "surnames": surnames}
         rng = np.random.default_rng(seed)
         for f in BLOOM_FIELDS:
@@ -373,6 +383,16 @@ class _Factor:
         mapping[len(derived)] = -1
         return _Factor(mapping[codes], list(index))
 
+    def frequency_classes(self) -> pd.arrays.IntegerArray:
+        """``floor(-log2(share))`` of each row's value among the present values, capped at 15."""
+        present = self.codes >= 0
+        counts = np.bincount(self.codes[present], minlength=len(self.uniques)).astype(float)
+        total = max(float(present.sum()), 1.0)
+        with np.errstate(divide="ignore"):
+            classes = np.floor(-np.log2(np.maximum(counts, 1.0) / total))
+        table = np.append(np.clip(classes, 0, 15).astype(np.int16), np.int16(0))
+        return pd.arrays.IntegerArray(table[self.codes], ~present)
+
     def tokens(self, key: bytes, aes_key: bytes) -> pd.arrays.IntegerArray:
         """Keyed 64-bit tokens of the values, as a nullable integer array."""
         table = np.append(_keyed64_many(self.uniques, key, aes_key), np.int64(0))
@@ -414,8 +434,9 @@ def _qgrams(text: str, q: int) -> Sequence[str]:
 def _gram_mask(gram: str, key: bytes, spec: BloomSpec) -> np.ndarray:
     # Positions come from one keyed hash of the q-gram: independent positions, unlike
     # double hashing, whose regular patterns Kroll and Steinmetzer (2015) exploited.
-    digest = hashlib.blake2b(gram.encode(), key=key, digest_size=4 * spec.hash_count).digest()
-    positions = np.frombuffer(digest, dtype="<u4") % spec.bits
+    digest = hashlib.blake2b(gram.encode(), key=key, digest_size=2 * spec.hash_count).digest()
+    # 16-bit draws: filter lengths are powers of two up to 4096 in practice, so ``%`` is exact.
+    positions = np.frombuffer(digest, dtype="<u2") % spec.bits
     mask = np.zeros(spec.words, dtype=np.uint64)
     for p in positions:
         mask[p // 64] |= np.uint64(1) << np.uint64(p % 64)

@@ -31,26 +31,56 @@ SCHEMA = {
         "kdf": {"type": "HKDF", "hash": "SHA256", "keySize": 64},
     },
     "features": [
-        {"identifier": "given", "format": {"type": "string", "encoding": "utf-8"},
-         "hashing": {"comparison": {"type": "ngram", "n": 2},
-                     "strategy": {"bitsPerToken": 15}, "hash": {"type": "blakeHash"},
-                     "missingValue": {"sentinel": ""}}},
-        {"identifier": "family", "format": {"type": "string", "encoding": "utf-8"},
-         "hashing": {"comparison": {"type": "ngram", "n": 2},
-                     "strategy": {"bitsPerToken": 15}, "hash": {"type": "blakeHash"},
-                     "missingValue": {"sentinel": ""}}},
-        {"identifier": "dob", "format": {"type": "string", "encoding": "utf-8"},
-         "hashing": {"comparison": {"type": "ngram", "n": 1, "positional": True},
-                     "strategy": {"bitsPerToken": 30}, "hash": {"type": "blakeHash"},
-                     "missingValue": {"sentinel": ""}}},
-        {"identifier": "sex", "format": {"type": "string", "encoding": "utf-8"},
-         "hashing": {"comparison": {"type": "ngram", "n": 1},
-                     "strategy": {"bitsPerToken": 30}, "hash": {"type": "blakeHash"},
-                     "missingValue": {"sentinel": ""}}},
-        {"identifier": "nhs", "format": {"type": "string", "encoding": "utf-8"},
-         "hashing": {"comparison": {"type": "ngram", "n": 1, "positional": True},
-                     "strategy": {"bitsPerToken": 10}, "hash": {"type": "blakeHash"},
-                     "missingValue": {"sentinel": ""}}},
+        {
+            "identifier": "given",
+            "format": {"type": "string", "encoding": "utf-8"},
+            "hashing": {
+                "comparison": {"type": "ngram", "n": 2},
+                "strategy": {"bitsPerToken": 15},
+                "hash": {"type": "blakeHash"},
+                "missingValue": {"sentinel": ""},
+            },
+        },
+        {
+            "identifier": "family",
+            "format": {"type": "string", "encoding": "utf-8"},
+            "hashing": {
+                "comparison": {"type": "ngram", "n": 2},
+                "strategy": {"bitsPerToken": 15},
+                "hash": {"type": "blakeHash"},
+                "missingValue": {"sentinel": ""},
+            },
+        },
+        {
+            "identifier": "dob",
+            "format": {"type": "string", "encoding": "utf-8"},
+            "hashing": {
+                "comparison": {"type": "ngram", "n": 1, "positional": True},
+                "strategy": {"bitsPerToken": 30},
+                "hash": {"type": "blakeHash"},
+                "missingValue": {"sentinel": ""},
+            },
+        },
+        {
+            "identifier": "sex",
+            "format": {"type": "string", "encoding": "utf-8"},
+            "hashing": {
+                "comparison": {"type": "ngram", "n": 1},
+                "strategy": {"bitsPerToken": 30},
+                "hash": {"type": "blakeHash"},
+                "missingValue": {"sentinel": ""},
+            },
+        },
+        {
+            "identifier": "nhs",
+            "format": {"type": "string", "encoding": "utf-8"},
+            "hashing": {
+                "comparison": {"type": "ngram", "n": 1, "positional": True},
+                "strategy": {"bitsPerToken": 10},
+                "hash": {"type": "blakeHash"},
+                "missingValue": {"sentinel": ""},
+            },
+        },
     ],
 }
 
@@ -105,22 +135,24 @@ def main() -> None:
         f1 = 2 * p * r / (p + r) if p + r else 0.0
         if f1 > best["f1"]:
             best = {"threshold": threshold, "precision": p, "recall": r, "f1": f1}
-    all_pairs = sum(
-        len(a) * len(b) for i, a in enumerate(rows) for b in rows[i + 1 :]
-    )
+    all_pairs = sum(len(a) * len(b) for i, a in enumerate(rows) for b in rows[i + 1 :])
     rate = compared / compare_seconds if compare_seconds else float("inf")
-    print(json.dumps({
-        "records": total,
-        "encode_seconds": encode_seconds,
-        "encode_records_per_second": total / encode_seconds,
-        "linked_sample_fraction": sample_fraction,
-        "comparisons": compared,
-        "compare_seconds": compare_seconds,
-        "comparisons_per_second": rate,
-        "estimated_all_pairs_seconds": all_pairs / rate,
-        "best": best,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-    }))
+    print(
+        json.dumps(
+            {
+                "records": total,
+                "encode_seconds": encode_seconds,
+                "encode_records_per_second": total / encode_seconds,
+                "linked_sample_fraction": sample_fraction,
+                "comparisons": compared,
+                "compare_seconds": compare_seconds,
+                "comparisons_per_second": rate,
+                "estimated_all_pairs_seconds": all_pairs / rate,
+                "best": best,
+                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+            }
+        )
+    )
 
 
 def _filter(candidates, threshold):  # type: ignore[no-untyped-def]
@@ -136,7 +168,7 @@ def _filter(candidates, threshold):  # type: ignore[no-untyped-def]
 
 
 def _truth(path: Path, counties: list[str], ids: list[list[str]]) -> set[tuple[str, str, str, str]]:
-    kept = {(c, r) for c, rs in zip(counties, ids) for r in rs}
+    kept = {(c, r) for c, rs in zip(counties, ids, strict=True) for r in rs}
     people: dict[str, list[tuple[str, str]]] = {}
     with open(path, newline="") as fh:
         for row in csv.DictReader(fh):

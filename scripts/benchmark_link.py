@@ -189,7 +189,9 @@ def _run_worker(kind: str, data: Path, out: Path) -> dict[str, Any]:
     return result
 
 
-def _quality(truth: pd.DataFrame, households: pd.DataFrame, out: Path, *, families: bool) -> dict[str, Any]:
+def _quality(
+    truth: pd.DataFrame, households: pd.DataFrame, out: Path, *, families: bool
+) -> dict[str, Any]:
     actual = true_person_pairs(truth)
     clusters = pd.read_csv(out / "clusters.csv", dtype=str)
     q: dict[str, Any] = {
@@ -263,7 +265,10 @@ def main() -> None:
     results["generate_seconds"] = round(time.perf_counter() - t, 1)
     truth = fed.truth
     households = pd.concat(
-        [df.assign(county=c)[["county", "record_id", "household_id"]] for c, df in fed.counties.items()]
+        [
+            df.assign(county=c)[["county", "record_id", "household_id"]]
+            for c, df in fed.counties.items()
+        ]
     )
     del fed
     print(f"generated {args.records:,} records in {results['generate_seconds']} s", flush=True)

@@ -68,7 +68,7 @@ class Matcher:
         ]
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = MatcherStore(settings.database, self.spec, mw_columns=mw)
-        self.nonces = DuckDBNonceStore(self.store.conn, lock=self.store.lock)  # type: ignore[arg-type]
+        self.nonces = DuckDBNonceStore(self.store.conn, lock=self.store.lock)
         self.index = LinkIndex(self.store, self.registry, model=model, threshold=settings.threshold)
         self.client = client or httpx.Client(timeout=httpx.Timeout(10.0, connect=2.0))
         self.metrics = _Metrics()
@@ -127,7 +127,10 @@ class Matcher:
                 self.metrics.score_rounds += 1
                 logger.info(
                     "scored %d records: %d pairs, %d alert messages, %.3f s",
-                    report.records, report.pairs, report.alerts_queued, report.seconds,
+                    report.records,
+                    report.pairs,
+                    report.alerts_queued,
+                    report.seconds,
                 )
             if report.alerts_queued:
                 self._wake_deliverer.set()
@@ -155,30 +158,31 @@ class Matcher:
     def deliver_once(self, *, limit: int = 200) -> int:
         """Send due alert messages; returns how many were acknowledged."""
         now = time.time()
-        due = self.store.query(
-            "SELECT alert_id, county, version, state, body, attempts FROM alerts "
-            "WHERE (delivered_version IS NULL OR delivered_version < version) "
-            "AND next_attempt_at <= ? ORDER BY updated_at LIMIT ?",
-            [now, limit],
-        )
+        with self.store.lock:
+            due = self.store.conn.execute(
+                "SELECT alert_id, county, version, state, body, attempts FROM alerts "
+                "WHERE (delivered_version IS NULL OR delivered_version < version) "
+                "AND next_attempt_at <= ? ORDER BY updated_at LIMIT ?",
+                [now, limit],
+            ).fetchall()
         delivered = 0
-        for row in due.itertuples(index=False):
-            ok = self._send_alert(row.county, row.state, json.loads(row.body))
+        for alert_id, county, version, state, body, attempts in due:
+            ok = self._send_alert(county, state, json.loads(body))
             with self.store.lock:
                 if ok:
                     self.store.conn.execute(
                         "UPDATE alerts SET delivered_version = ?, attempts = 0 "
                         "WHERE alert_id = ? AND version = ?",
-                        [row.version, row.alert_id, row.version],
+                        [version, alert_id, version],
                     )
                     delivered += 1
                     self.metrics.alerts_sent += 1
                 else:
-                    delay = min(self.settings.retry_max_seconds, 0.25 * 2 ** min(row.attempts, 10))
+                    delay = min(self.settings.retry_max_seconds, 0.25 * 2 ** min(attempts, 10))
                     self.store.conn.execute(
                         "UPDATE alerts SET attempts = attempts + 1, next_attempt_at = ? "
                         "WHERE alert_id = ?",
-                        [time.time() + delay * random.uniform(0.8, 1.2), row.alert_id],
+                        [time.time() + delay * random.uniform(0.8, 1.2), alert_id],
                     )
                     self.metrics.delivery_failures += 1
         return delivered
@@ -195,7 +199,9 @@ class Matcher:
             logger.warning("alert %s to %s: node unreachable", body["alert_id"], county)
             return False
         if response.status_code != 200:
-            logger.warning("alert %s to %s: HTTP %d", body["alert_id"], county, response.status_code)
+            logger.warning(
+                "alert %s to %s: HTTP %d", body["alert_id"], county, response.status_code
+            )
             return False
         try:
             message = verify(
@@ -215,7 +221,9 @@ class Matcher:
     # -------------------------------------------------------------- receiving
     def ack(self, recipient: str, ref: str, stored: bool, count: int) -> dict[str, Any]:
         """A signed acknowledgement for ``recipient``."""
-        body = Ack(ref=ref, status="stored" if stored else "duplicate", count=count)
+        body = Ack.model_validate(
+            {"ref": ref, "status": "stored" if stored else "duplicate", "count": count}
+        )
         return sign(
             body.model_dump(by_alias=True),
             kind="ack",
@@ -302,7 +310,8 @@ def create_app(settings: MatcherSettings, *, client: httpx.Client | None = None)
     app = FastAPI(title="Jigsaw matcher", version="1", lifespan=lifespan)
 
     def matcher_of(request: Request) -> Matcher:
-        return request.app.state.matcher  # type: ignore[no-any-return]
+        matcher: Matcher = request.app.state.matcher
+        return matcher
 
     async def signed_json(request: Request) -> Any:
         length = int(request.headers.get("content-length") or 0)
@@ -375,7 +384,9 @@ def create_app(settings: MatcherSettings, *, client: httpx.Client | None = None)
         counts = matcher.store.counts()
         model = matcher.index.model
         counts["model"] = (
-            {"threshold": model.threshold, "prior": model.prior, **model.metadata} if model else None
+            {"threshold": model.threshold, "prior": model.prior, **model.metadata}
+            if model
+            else None
         )
         counts["metrics"] = {
             "batches": matcher.metrics.batches,

@@ -112,8 +112,9 @@ class LinkIndex:
         with self.store.lock:
             tokens = self.store.conn.execute("SELECT * FROM tokens").df()
         tables = {
-            county: frame.drop(columns=["source_dataset", "epoch", "batch_id", "stored_at"])
-            .reset_index(drop=True)
+            str(county): frame.drop(
+                columns=["source_dataset", "epoch", "batch_id", "stored_at"]
+            ).reset_index(drop=True)
             for county, frame in tokens.groupby("source_dataset", sort=True)
         }
         if len(tables) < 2:
@@ -147,9 +148,9 @@ class LinkIndex:
         queued = self.refresh_alerts(None)
         return {
             "status": "linked",
-            "records": int(len(tokens)),
+            "records": len(tokens),
             "candidate_pairs": result.candidate_pairs,
-            "pairs": int(len(pairs)),
+            "pairs": len(pairs),
             "clusters": int(members["cluster_id"].nunique()) if len(members) else 0,
             "families": int(result.families["family_id"].nunique()) if len(result.families) else 0,
             "alerts_queued": queued,
@@ -159,14 +160,13 @@ class LinkIndex:
     def _pairs_frame(self, pairs: pd.DataFrame) -> pd.DataFrame:
         """Pairs in the store's column order, each pair once with its smaller end on the left."""
         cols = ["county_l", "pseudonym_l", "county_r", "pseudonym_r"]
-        swap = list(zip(pairs["county_l"], pairs["pseudonym_l"], strict=True)) > list(
-            zip(pairs["county_r"], pairs["pseudonym_r"], strict=True)
-        ) if False else (
-            (pairs["county_l"] > pairs["county_r"])
-            | ((pairs["county_l"] == pairs["county_r"]) & (pairs["pseudonym_l"] > pairs["pseudonym_r"]))
+        swap = (pairs["county_l"] > pairs["county_r"]) | (
+            (pairs["county_l"] == pairs["county_r"]) & (pairs["pseudonym_l"] > pairs["pseudonym_r"])
         )
         out = pairs.copy()
-        out.loc[swap, cols] = pairs.loc[swap, ["county_r", "pseudonym_r", "county_l", "pseudonym_l"]].to_numpy()
+        out.loc[swap, cols] = pairs.loc[
+            swap, ["county_r", "pseudonym_r", "county_l", "pseudonym_l"]
+        ].to_numpy()
         keep = [*cols, "match_probability", "match_weight", *self.store.mw_columns]
         for c in keep:
             if c not in out:
@@ -194,11 +194,10 @@ class LinkIndex:
         scored = pd.DataFrame()
         if len(present):
             with self.store.lock:
-                new = self.store.conn.execute(
-                    "SELECT t.* EXCLUDE (epoch, batch_id, stored_at) FROM tokens t "
-                    "SEMI JOIN (SELECT * FROM pending LIMIT ?) p USING (source_dataset, pseudonym)",
-                    [limit],
-                ).arrow()
+                new = self.store.conn.sql(
+                    "SELECT t.* EXCLUDE (epoch, batch_id, stored_at) FROM tokens t SEMI JOIN "
+                    f"(SELECT * FROM pending LIMIT {int(limit)}) p USING (source_dataset, pseudonym)"
+                ).to_arrow_table()
                 scored = self._predict_between(new)
         threshold = self.model.threshold
         if len(scored):
@@ -213,7 +212,8 @@ class LinkIndex:
                 "ON county_r = k.source_dataset AND pseudonym_r = k.pseudonym"
             ).fetchall()
             conn.execute(
-                "DELETE FROM pairs WHERE (county_l, pseudonym_l) IN (SELECT source_dataset, pseudonym FROM k) "
+                "DELETE FROM pairs WHERE (county_l, pseudonym_l) IN "
+                "(SELECT source_dataset, pseudonym FROM k) "
                 "OR (county_r, pseudonym_r) IN (SELECT source_dataset, pseudonym FROM k)"
             )
             if len(pairs):
@@ -275,9 +275,7 @@ class LinkIndex:
             pairs = conn.execute(
                 "SELECT * FROM pairs WHERE (county_l, pseudonym_l) IN (SELECT c, p FROM c)"
             ).df()
-            conn.execute(
-                "DELETE FROM clusters WHERE (county, pseudonym) IN (SELECT c, p FROM c)"
-            )
+            conn.execute("DELETE FROM clusters WHERE (county, pseudonym) IN (SELECT c, p FROM c)")
             conn.unregister("c")
         if len(pairs):
             clusters = cluster_people(pairs)
@@ -341,7 +339,9 @@ class LinkIndex:
             families = link_families(members[["cluster_id", "county", "pseudonym"]], hh)
             if len(families):
                 conn.register("f", families)
-                conn.execute("INSERT OR REPLACE INTO families SELECT family_id, county, household FROM f")
+                conn.execute(
+                    "INSERT OR REPLACE INTO families SELECT family_id, county, household FROM f"
+                )
                 conn.unregister("f")
         return households
 
@@ -373,7 +373,8 @@ class LinkIndex:
                 ids += [alert_id_for("family", c, h) for c, h in (households or [])]
                 conn.register("ids", pd.DataFrame({"alert_id": ids}))
                 current = conn.execute(
-                    "SELECT alert_id, version, state, digest FROM alerts SEMI JOIN ids USING (alert_id)"
+                    "SELECT alert_id, version, state, digest FROM alerts "
+                    "SEMI JOIN ids USING (alert_id)"
                 ).fetchall()
                 conn.unregister("ids")
             existing = {a: (v, s, d) for a, v, s, d in current}
@@ -385,12 +386,26 @@ class LinkIndex:
                     continue
                 version = (old[0] + 1) if old else 1
                 full = {**body, "alert_id": alert_id, "version": version}
-                rows.append((alert_id, county, kind, subject, version, "active", digest, json.dumps(full), now))
+                rows.append(
+                    (
+                        alert_id,
+                        county,
+                        kind,
+                        subject,
+                        version,
+                        "active",
+                        digest,
+                        json.dumps(full),
+                        now,
+                    )
+                )
             for alert_id, (version, state, _) in existing.items():
                 if alert_id in desired or state == "withdrawn":
                     continue
                 old_body = json.loads(
-                    conn.execute("SELECT body FROM alerts WHERE alert_id = ?", [alert_id]).fetchall()[0][0]
+                    conn.execute(
+                        "SELECT body FROM alerts WHERE alert_id = ?", [alert_id]
+                    ).fetchall()[0][0]
                 )
                 withdrawal = {
                     "schema": "withdrawal/1",
@@ -400,19 +415,40 @@ class LinkIndex:
                     "reason": "the records behind this alert no longer link",
                 }
                 rows.append(
-                    (alert_id, old_body["county"], old_body["kind"], old_body.get("pseudonym") or old_body.get("household") or "",
-                     version + 1, "withdrawn", "", json.dumps(withdrawal), now)
+                    (
+                        alert_id,
+                        old_body["county"],
+                        old_body["kind"],
+                        old_body.get("pseudonym") or old_body.get("household") or "",
+                        version + 1,
+                        "withdrawn",
+                        "",
+                        json.dumps(withdrawal),
+                        now,
+                    )
                 )
             if rows:
                 frame = pd.DataFrame(
                     rows,
-                    columns=["alert_id", "county", "kind", "subject", "version", "state", "digest", "body", "updated_at"],
+                    columns=[
+                        "alert_id",
+                        "county",
+                        "kind",
+                        "subject",
+                        "version",
+                        "state",
+                        "digest",
+                        "body",
+                        "updated_at",
+                    ],
                 )
                 conn.register("a", frame)
                 conn.execute(
-                    "INSERT INTO alerts (alert_id, county, kind, subject, version, state, digest, body, "
+                    "INSERT INTO alerts (alert_id, county, kind, subject, version, state, "
+                    "digest, body, "
                     "delivered_version, attempts, next_attempt_at, updated_at) "
-                    "SELECT alert_id, county, kind, subject, version, state, digest, body, NULL, 0, 0, updated_at "
+                    "SELECT alert_id, county, kind, subject, version, state, digest, body, "
+                    "NULL, 0, 0, updated_at "
                     "FROM a ON CONFLICT (alert_id) DO UPDATE SET version = EXCLUDED.version, "
                     "state = EXCLUDED.state, digest = EXCLUDED.digest, body = EXCLUDED.body, "
                     "attempts = 0, next_attempt_at = 0, updated_at = EXCLUDED.updated_at"
@@ -447,7 +483,8 @@ class LinkIndex:
                 conn.unregister("q")
             conn.register("m", members[["county", "pseudonym"]])
             pairs = conn.execute(
-                "SELECT * FROM pairs WHERE (county_l, pseudonym_l) IN (SELECT county, pseudonym FROM m)"
+                "SELECT * FROM pairs WHERE (county_l, pseudonym_l) IN "
+                "(SELECT county, pseudonym FROM m)"
             ).df()
             conn.unregister("m")
             labels = conn.execute(
@@ -456,18 +493,22 @@ class LinkIndex:
             ).df()
         cluster_of = {
             (c, p): cid
-            for cid, c, p in zip(members["cluster_id"], members["county"], members["pseudonym"], strict=True)
+            for cid, c, p in zip(
+                members["cluster_id"], members["county"], members["pseudonym"], strict=True
+            )
         }
         best: dict[Key, tuple[float, dict[str, float]]] = {}
         mw_cols = self.store.mw_columns
-        for row in pairs.itertuples(index=False):
-            a, b = (row.county_l, row.pseudonym_l), (row.county_r, row.pseudonym_r)
+        for row in pairs.to_dict("records"):
+            a = (str(row["county_l"]), str(row["pseudonym_l"]))
+            b = (str(row["county_r"]), str(row["pseudonym_r"]))
             if cluster_of.get(a) is None or cluster_of.get(a) != cluster_of.get(b):
                 continue
-            weights = {c: float(getattr(row, c)) for c in mw_cols}
+            weights = {c: float(row[c]) for c in mw_cols}
+            probability = float(row["match_probability"])
             for key in (a, b):
-                if key not in best or row.match_probability > best[key][0]:
-                    best[key] = (float(row.match_probability), weights)
+                if key not in best or probability > best[key][0]:
+                    best[key] = (probability, weights)
         reviews: dict[str, list[dict[str, str]]] = {}
         for subject, county, decision, kind in labels.itertuples(index=False):
             cid = cluster_of.get((county, subject)) if kind == "person" else None
@@ -517,7 +558,10 @@ class LinkIndex:
         return out
 
     def _family_probability(
-        self, members: pd.DataFrame, best: dict[Key, tuple[float, dict[str, float]]], fams: pd.DataFrame
+        self,
+        members: pd.DataFrame,
+        best: dict[Key, tuple[float, dict[str, float]]],
+        fams: pd.DataFrame,
     ) -> dict[str, float]:
         if fams.empty:
             return {}

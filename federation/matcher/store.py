@@ -57,7 +57,8 @@ class MatcherStore:
 
     def _create(self) -> None:
         tokens = ", ".join(
-            f"{c} {'SMALLINT' if c.endswith('_bf_n') else 'BIGINT'}" for c in self.token_columns
+            f"{c} {'SMALLINT' if c.endswith(('_bf_n', '_fc')) else 'BIGINT'}"
+            for c in self.token_columns
         )
         mws = ", ".join(f"{c} DOUBLE" for c in self.mw_columns)
         with self.lock:
@@ -144,9 +145,7 @@ class MatcherStore:
                 )
                 conn.unregister("incoming")
             if batch.tombstones:
-                gone = pa.table(
-                    {"pseudonym": pa.array(batch.tombstones, pa.string())}
-                )
+                gone = pa.table({"pseudonym": pa.array(batch.tombstones, pa.string())})
                 conn.register("gone", gone)
                 conn.execute(
                     "DELETE FROM tokens WHERE source_dataset = ? AND pseudonym IN "
@@ -175,7 +174,7 @@ class MatcherStore:
             "role": pa.array(columns[index["role"]], pa.string()),
         }
         for c in self.token_columns:
-            kind = pa.int16() if c.endswith("_bf_n") else pa.int64()
+            kind = pa.int16() if c.endswith(("_bf_n", "_fc")) else pa.int64()
             data[c] = pa.array(columns[index[c]], kind)
         data["epoch"] = pa.array([epoch] * n, pa.int32())
         data["batch_id"] = pa.array([batch.batch_id] * n, pa.string())
@@ -198,7 +197,15 @@ class MatcherStore:
         """Sizes of every table, for status and metrics."""
         with self.lock:
             out: dict[str, Any] = {}
-            for table in ("tokens", "batches", "pending", "pairs", "clusters", "families", "labels"):
+            for table in (
+                "tokens",
+                "batches",
+                "pending",
+                "pairs",
+                "clusters",
+                "families",
+                "labels",
+            ):
                 out[table] = self.conn.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
             rows = self.conn.execute(
                 "SELECT (delivered_version IS NULL OR delivered_version < version) AS waiting, "
@@ -216,9 +223,7 @@ class MatcherStore:
     def record_label(self, feedback_id: str, alert_id: str, county: str, decision: str) -> bool:
         """Store a clerical label; False if this feedback id was already stored."""
         with self.transaction() as conn:
-            if conn.execute(
-                "SELECT 1 FROM labels WHERE feedback_id = ?", [feedback_id]
-            ).fetchall():
+            if conn.execute("SELECT 1 FROM labels WHERE feedback_id = ?", [feedback_id]).fetchall():
                 return False
             conn.execute(
                 "INSERT INTO labels VALUES (?, ?, ?, ?, ?)",
