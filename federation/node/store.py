@@ -1,0 +1,642 @@
+"""The node's DuckDB store: the county's records, its outbox, its alert inbox and feedback.
+
+One database file holds everything a node keeps, and one connection, serialised by one
+re-entrant lock, talks to it (DuckDB connections are not safe to share between threads without
+one). The nonce stores and the audit log share ``conn`` and ``lock``. Tables::
+
+    records     record_id PK, pseudonym UNIQUE, household_id, household, content_hash,
+                display (JSON: the county's own plaintext, shown only in its own inbox),
+                active, updated_at
+    outbox      seq, message_id PK, kind (token_batch | feedback), body (JSON text),
+                status (pending | acked), attempts, next_attempt_at, created_at, acked_at,
+                last_error
+    alerts      alert_id PK, version, kind, cluster_id, pseudonym, household, body (JSON),
+                status (open | withdrawn), reason, received_at, updated_at
+    feedback    feedback_id PK, alert_id, decision, note (never leaves the node), created_at
+    quarantine  load_id, row_number, record_id, reason
+    loads       load_id PK, file_name, started_at, finished_at, counts (JSON)
+
+Personal data lives in ``records.display`` and ``feedback.note`` only (record and household
+ids are the county's own references); ``outbox`` holds exactly what will be sent: pseudonyms,
+keyed tokens, decisions. Records are never deleted: a
+record removed from the county's export is marked inactive, so it keeps its pseudonym if it
+comes back and its alerts can still be shown.
+
+Every change that spans rows or tables runs in one transaction, so a crash leaves either all
+of it or none. Times are seconds since the UTC epoch. DuckDB errors become
+:class:`~federation.errors.StoreError`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import duckdb
+import pandas as pd
+
+from federation.errors import StoreError
+from federation.protocol import AlertBody, WithdrawalBody
+
+__all__ = ["LoadChanges", "NodeStore", "OutboxEntry"]
+
+MessageKind = Literal["token_batch", "feedback"]
+StoreOutcome = Literal["stored", "duplicate"]
+
+#: Columns of the records snapshot that ingest compares a new load with.
+SNAPSHOT_COLUMNS = (
+    "record_id",
+    "pseudonym",
+    "household_id",
+    "household",
+    "content_hash",
+    "display",
+    "active",
+)
+#: Columns of the frames given to :meth:`NodeStore.write_load` (new and updated records).
+RECORD_COLUMNS = ("record_id", "pseudonym", "household_id", "household", "content_hash", "display")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    record_id VARCHAR PRIMARY KEY,
+    pseudonym VARCHAR NOT NULL UNIQUE,
+    household_id VARCHAR,
+    household VARCHAR,
+    content_hash VARCHAR NOT NULL,
+    display JSON NOT NULL,
+    active BOOLEAN NOT NULL,
+    updated_at DOUBLE NOT NULL
+);
+CREATE SEQUENCE IF NOT EXISTS outbox_seq;
+CREATE TABLE IF NOT EXISTS outbox (
+    seq BIGINT NOT NULL DEFAULT nextval('outbox_seq'),
+    message_id VARCHAR PRIMARY KEY,
+    kind VARCHAR NOT NULL CHECK (kind IN ('token_batch', 'feedback')),
+    -- JSON text, but VARCHAR: DuckDB's JSON type re-parses megabytes of tokens on insert.
+    body VARCHAR NOT NULL,
+    status VARCHAR NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'acked')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at DOUBLE NOT NULL,
+    created_at DOUBLE NOT NULL,
+    acked_at DOUBLE,
+    last_error VARCHAR
+);
+CREATE TABLE IF NOT EXISTS alerts (
+    alert_id VARCHAR PRIMARY KEY,
+    version INTEGER NOT NULL,
+    kind VARCHAR,
+    cluster_id VARCHAR,
+    pseudonym VARCHAR,
+    household VARCHAR,
+    body JSON,
+    status VARCHAR NOT NULL CHECK (status IN ('open', 'withdrawn')),
+    reason VARCHAR,
+    received_at DOUBLE NOT NULL,
+    updated_at DOUBLE NOT NULL
+);
+CREATE TABLE IF NOT EXISTS feedback (
+    feedback_id VARCHAR PRIMARY KEY,
+    alert_id VARCHAR NOT NULL,
+    decision VARCHAR NOT NULL,
+    note VARCHAR NOT NULL,
+    created_at DOUBLE NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    load_id VARCHAR NOT NULL,
+    row_number BIGINT NOT NULL,
+    record_id VARCHAR,
+    reason VARCHAR NOT NULL
+);
+CREATE TABLE IF NOT EXISTS loads (
+    load_id VARCHAR PRIMARY KEY,
+    file_name VARCHAR NOT NULL,
+    started_at DOUBLE NOT NULL,
+    finished_at DOUBLE NOT NULL,
+    counts JSON NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """A pending outbox message, without its body (which may be megabytes).
+
+    Attributes:
+        seq: Position in the outbox; messages of one kind are sent in this order.
+        message_id: The batch or feedback id; the receiver's ack refers to it.
+        kind: ``"token_batch"`` or ``"feedback"``.
+        attempts: Failed sends so far.
+        next_attempt_at: Earliest time for the next send.
+    """
+
+    seq: int
+    message_id: str
+    kind: MessageKind
+    attempts: int
+    next_attempt_at: float
+
+
+@dataclass(frozen=True)
+class LoadChanges:
+    """Everything one load writes, applied by :meth:`NodeStore.write_load` in one transaction.
+
+    Attributes:
+        load_id: Id of the load.
+        file_name: The file loaded (for the operator; no data from it).
+        started_at: When the load began.
+        counts: The load's counts (JSON-ready), kept in ``loads``.
+        inserts: New records, columns :data:`RECORD_COLUMNS`.
+        updates: Known records whose content or display changed, or that came back; same
+            columns. Their pseudonyms and record ids are not changed.
+        tombstones: Record ids to mark inactive.
+        quarantine: ``row_number, record_id, reason`` of every quarantined row.
+        messages: ``(message_id, kind, body JSON)`` to queue, in order.
+    """
+
+    load_id: str
+    file_name: str
+    started_at: float
+    counts: Mapping[str, Any]
+    inserts: pd.DataFrame
+    updates: pd.DataFrame
+    tombstones: Sequence[str]
+    quarantine: pd.DataFrame
+    messages: Sequence[tuple[str, MessageKind, str]]
+
+
+class NodeStore:
+    """A county node's tables in one DuckDB file.
+
+    Args:
+        path: The DuckDB file; created (with its directory) if missing.
+
+    Attributes:
+        conn: The one connection; use it only while holding ``lock``.
+        lock: Re-entrant lock serialising every use of ``conn``.
+        load_lock: Held by a load from reading the store's records to writing its changes,
+            so that two loads cannot both compare with the same old state.
+
+    Raises:
+        StoreError: If the file cannot be opened or the tables created.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.lock = threading.RLock()
+        self.load_lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = duckdb.connect(str(self.path))
+            self.conn.execute(_SCHEMA)
+        except (OSError, duckdb.Error) as e:
+            raise StoreError(f"cannot open the node store {self.path}") from e
+        self._closed = False
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the store can still be used."""
+        return not self._closed
+
+    def close(self) -> None:
+        """Checkpoint and close the database; later calls fail with :class:`StoreError`."""
+        with self.lock:
+            if not self._closed:
+                self._closed = True
+                self.conn.close()
+
+    # ------------------------------------------------------------------ plumbing
+
+    @contextmanager
+    def _locked(self, what: str) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Hold the lock and translate DuckDB errors (``what`` names the operation)."""
+        with self.lock:
+            if self._closed:
+                raise StoreError(f"cannot {what}: the node store is closed")
+            try:
+                yield self.conn
+            except duckdb.Error as e:
+                raise StoreError(f"cannot {what}") from e
+
+    @contextmanager
+    def _transaction(self, what: str) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Run the block in one transaction: all of it is committed, or none of it."""
+        with self._locked(what) as conn:
+            conn.begin()
+            try:
+                yield conn
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+
+    # ------------------------------------------------------------------ records
+
+    def records_snapshot(self) -> pd.DataFrame:
+        """Every record the node knows (active or not): :data:`SNAPSHOT_COLUMNS`."""
+        cols = ", ".join(SNAPSHOT_COLUMNS)
+        with self._locked("read records") as conn:
+            frame = conn.execute(f"SELECT {cols} FROM records").df()
+        # Plain Python objects: arrow-backed strings are slow to iterate into dicts, and a
+        # load does exactly that.
+        return frame.astype(object)
+
+    def write_load(self, changes: LoadChanges, *, now: float | None = None) -> None:
+        """Apply one load: records, quarantine, outbox messages and the load's row, atomically.
+
+        Args:
+            changes: What the load changes.
+            now: Time of the change; defaults to ``time.time()``.
+
+        Raises:
+            StoreError: If anything fails; nothing is then written.
+        """
+        now = time.time() if now is None else now
+        cols = ", ".join(RECORD_COLUMNS)
+        with self._transaction("write the load") as conn:
+            if len(changes.inserts):
+                conn.register("load_inserts", changes.inserts.loc[:, list(RECORD_COLUMNS)])
+                conn.execute(
+                    f"INSERT INTO records ({cols}, active, updated_at) "
+                    f"SELECT {cols}, true, ? FROM load_inserts",
+                    [now],
+                )
+                conn.unregister("load_inserts")
+            if len(changes.updates):
+                # Pseudonym and record id are never updated: a record keeps its pseudonym.
+                conn.register("load_updates", changes.updates.loc[:, list(RECORD_COLUMNS)])
+                conn.execute(
+                    "UPDATE records SET household_id = u.household_id, household = u.household, "
+                    "content_hash = u.content_hash, display = u.display, active = true, "
+                    "updated_at = ? FROM load_updates u WHERE records.record_id = u.record_id",
+                    [now],
+                )
+                conn.unregister("load_updates")
+            if changes.tombstones:
+                gone = pd.DataFrame({"record_id": pd.array(changes.tombstones, dtype="string")})
+                conn.register("load_gone", gone)
+                conn.execute(
+                    "UPDATE records SET active = false, updated_at = ? "
+                    "WHERE record_id IN (SELECT record_id FROM load_gone)",
+                    [now],
+                )
+                conn.unregister("load_gone")
+            if len(changes.quarantine):
+                conn.register(
+                    "load_quarantine",
+                    changes.quarantine.loc[:, ["row_number", "record_id", "reason"]],
+                )
+                conn.execute(
+                    "INSERT INTO quarantine SELECT ?, row_number, record_id, reason "
+                    "FROM load_quarantine",
+                    [changes.load_id],
+                )
+                conn.unregister("load_quarantine")
+            for message_id, kind, body in changes.messages:
+                self._enqueue(conn, message_id, kind, body, now)
+            conn.execute(
+                "INSERT INTO loads VALUES (?, ?, ?, ?, ?)",
+                [
+                    changes.load_id,
+                    changes.file_name,
+                    changes.started_at,
+                    now,
+                    json.dumps(dict(changes.counts)),
+                ],
+            )
+
+    def quarantine(self, load_id: str) -> pd.DataFrame:
+        """The quarantined rows of one load: ``row_number, record_id, reason``."""
+        with self._locked("read the quarantine") as conn:
+            return conn.execute(
+                "SELECT row_number, record_id, reason FROM quarantine WHERE load_id = ? "
+                "ORDER BY row_number",
+                [load_id],
+            ).df()
+
+    # ------------------------------------------------------------------ outbox
+
+    @staticmethod
+    def _enqueue(
+        conn: duckdb.DuckDBPyConnection, message_id: str, kind: str, body: str, now: float
+    ) -> None:
+        conn.execute(
+            "INSERT INTO outbox (message_id, kind, body, next_attempt_at, created_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [message_id, kind, body, now, now],
+        )
+
+    def pending(self) -> list[OutboxEntry]:
+        """Every pending outbox message (without bodies), in ``seq`` order."""
+        with self._locked("read the outbox") as conn:
+            rows = conn.execute(
+                "SELECT seq, message_id, kind, attempts, next_attempt_at FROM outbox "
+                "WHERE status = 'pending' ORDER BY seq"
+            ).fetchall()
+        return [OutboxEntry(int(r[0]), str(r[1]), r[2], int(r[3]), float(r[4])) for r in rows]
+
+    def message_body(self, message_id: str) -> str:
+        """The JSON body of an outbox message.
+
+        Raises:
+            StoreError: If there is no such message.
+        """
+        with self._locked("read the outbox") as conn:
+            row = conn.execute(
+                "SELECT body FROM outbox WHERE message_id = ?", [message_id]
+            ).fetchone()
+        if row is None:
+            raise StoreError(f"no outbox message {message_id}")
+        return str(row[0])
+
+    def mark_acked(self, message_id: str, *, now: float | None = None) -> bool:
+        """Mark a message acknowledged; return False if it was not pending."""
+        now = time.time() if now is None else now
+        with self._locked("update the outbox") as conn:
+            row = conn.execute(
+                "UPDATE outbox SET status = 'acked', acked_at = ?, last_error = NULL "
+                "WHERE message_id = ? AND status = 'pending'",
+                [now, message_id],
+            ).fetchone()
+        return row is not None and int(row[0]) == 1
+
+    def defer(self, message_id: str, *, next_attempt_at: float, error: str) -> int:
+        """Record a failed send and when to try again; return the attempts so far.
+
+        Args:
+            message_id: The message.
+            next_attempt_at: Earliest time for the next attempt.
+            error: A short description (status code or error class; never a body).
+        """
+        with self._locked("update the outbox") as conn:
+            row = conn.execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? "
+                "WHERE message_id = ? RETURNING attempts",
+                [next_attempt_at, error[:200], message_id],
+            ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    # ------------------------------------------------------------------ alerts
+
+    def store_alert(self, alert: AlertBody, *, now: float | None = None) -> StoreOutcome:
+        """Keep an alert, idempotently.
+
+        A higher version than the one held replaces it (and reopens it); the same or a lower
+        version is a duplicate. A withdrawal of the same version wins over the alert, so a
+        late retry of an alert never undoes its withdrawal.
+
+        Returns:
+            ``"stored"`` or ``"duplicate"``.
+        """
+        now = time.time() if now is None else now
+        body = alert.model_dump_json(by_alias=True)
+        with self._transaction("store the alert") as conn:
+            row = conn.execute(
+                "SELECT version FROM alerts WHERE alert_id = ?", [alert.alert_id]
+            ).fetchone()
+            if row is not None and alert.version <= int(row[0]):
+                return "duplicate"
+            if row is None:
+                conn.execute(
+                    "INSERT INTO alerts VALUES (?, ?, ?, ?, ?, ?, ?, 'open', NULL, ?, ?)",
+                    [
+                        alert.alert_id,
+                        alert.version,
+                        alert.kind,
+                        alert.cluster_id,
+                        alert.pseudonym,
+                        alert.household,
+                        body,
+                        now,
+                        now,
+                    ],
+                )
+            else:
+                conn.execute(
+                    "UPDATE alerts SET version = ?, kind = ?, cluster_id = ?, pseudonym = ?, "
+                    "household = ?, body = ?, status = 'open', reason = NULL, updated_at = ? "
+                    "WHERE alert_id = ?",
+                    [
+                        alert.version,
+                        alert.kind,
+                        alert.cluster_id,
+                        alert.pseudonym,
+                        alert.household,
+                        body,
+                        now,
+                        alert.alert_id,
+                    ],
+                )
+        return "stored"
+
+    def withdraw_alert(
+        self, withdrawal: WithdrawalBody, *, now: float | None = None
+    ) -> StoreOutcome:
+        """Mark an alert withdrawn, idempotently.
+
+        A withdrawal of an alert never received is kept too (without a body, so it is not
+        listed), so that the alert arriving late does not show.
+
+        Returns:
+            ``"stored"``, or ``"duplicate"`` if already withdrawn at this version or later, or
+            if a newer version of the alert is held.
+        """
+        now = time.time() if now is None else now
+        with self._transaction("withdraw the alert") as conn:
+            row = conn.execute(
+                "SELECT version, status FROM alerts WHERE alert_id = ?", [withdrawal.alert_id]
+            ).fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO alerts (alert_id, version, status, reason, received_at, "
+                    "updated_at) VALUES (?, ?, 'withdrawn', ?, ?, ?)",
+                    [withdrawal.alert_id, withdrawal.version, withdrawal.reason, now, now],
+                )
+                return "stored"
+            version, status = int(row[0]), str(row[1])
+            if withdrawal.version < version or (
+                withdrawal.version == version and status == "withdrawn"
+            ):
+                return "duplicate"
+            conn.execute(
+                "UPDATE alerts SET version = ?, status = 'withdrawn', reason = ?, updated_at = ? "
+                "WHERE alert_id = ?",
+                [withdrawal.version, withdrawal.reason, now, withdrawal.alert_id],
+            )
+        return "stored"
+
+    def has_alert(self, alert_id: str) -> bool:
+        """Whether an alert (with a body, i.e. one that can be shown) is held."""
+        with self._locked("read alerts") as conn:
+            row = conn.execute(
+                "SELECT 1 FROM alerts WHERE alert_id = ? AND body IS NOT NULL", [alert_id]
+            ).fetchone()
+        return row is not None
+
+    def inbox(self, *, kind: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
+        """Alerts held, newest change first, each re-identified to the county's own records.
+
+        Args:
+            kind: Only ``"person"`` or ``"family"`` alerts.
+            status: Only ``"open"`` or ``"withdrawn"`` alerts.
+
+        Returns:
+            One dict per alert: ``alert_id, kind, cluster_id, version, status, reason,
+            received_at, updated_at, body`` (the :class:`AlertBody` as a dict), ``records``
+            (the local records it is about: ``record_id, household_id, active`` and the
+            display fields; the record for a person alert, the household's members for a
+            family alert) and ``feedback`` (this county's own decisions and notes).
+        """
+        where, params = ["a.body IS NOT NULL"], []
+        if kind is not None:
+            where.append("a.kind = ?")
+            params.append(kind)
+        if status is not None:
+            where.append("a.status = ?")
+            params.append(status)
+        condition = " AND ".join(where)
+        with self._locked("read alerts") as conn:
+            alerts = conn.execute(
+                "SELECT alert_id, kind, cluster_id, version, status, reason, received_at, "
+                f"updated_at, body FROM alerts a WHERE {condition} "
+                "ORDER BY updated_at DESC, alert_id",
+                params,
+            ).fetchall()
+            # Two equi-joins rather than one join on OR, which DuckDB runs as a nested loop.
+            members = conn.execute(
+                "SELECT a.alert_id, r.record_id, r.household_id, r.active, r.display "
+                f"FROM alerts a JOIN records r ON r.pseudonym = a.pseudonym "
+                f"WHERE a.kind = 'person' AND {condition} "
+                "UNION ALL "
+                "SELECT a.alert_id, r.record_id, r.household_id, r.active, r.display "
+                f"FROM alerts a JOIN records r ON r.household = a.household "
+                f"WHERE a.kind = 'family' AND {condition} "
+                "ORDER BY 1, 2",
+                params + params,
+            ).fetchall()
+            notes = conn.execute(
+                "SELECT alert_id, feedback_id, decision, note, created_at FROM feedback "
+                "ORDER BY created_at"
+            ).fetchall()
+        by_alert: dict[str, list[dict[str, Any]]] = {}
+        for alert_id, record_id, household_id, active, display in members:
+            record = {
+                "record_id": record_id,
+                "household_id": household_id,
+                "active": bool(active),
+                **json.loads(display),
+            }
+            by_alert.setdefault(alert_id, []).append(record)
+        feedback: dict[str, list[dict[str, Any]]] = {}
+        for alert_id, feedback_id, decision, note, created_at in notes:
+            feedback.setdefault(alert_id, []).append(
+                {
+                    "feedback_id": feedback_id,
+                    "decision": decision,
+                    "note": note,
+                    "created_at": created_at,
+                }
+            )
+        return [
+            {
+                "alert_id": a[0],
+                "kind": a[1],
+                "cluster_id": a[2],
+                "version": int(a[3]),
+                "status": a[4],
+                "reason": a[5],
+                "received_at": float(a[6]),
+                "updated_at": float(a[7]),
+                "body": json.loads(a[8]),
+                "records": by_alert.get(a[0], []),
+                "feedback": feedback.get(a[0], []),
+            }
+            for a in alerts
+        ]
+
+    # ------------------------------------------------------------------ feedback
+
+    def add_feedback(
+        self,
+        *,
+        feedback_id: str,
+        alert_id: str,
+        decision: str,
+        note: str,
+        body: str,
+        now: float | None = None,
+    ) -> bool:
+        """Keep a clerical decision and queue its message, atomically.
+
+        Args:
+            feedback_id: New id; also the outbox message id.
+            alert_id: The alert decided on.
+            decision: ``same``, ``not_same`` or ``need_info``.
+            note: Free text kept here only (it is not part of ``body``).
+            body: The feedback message body (JSON) to send to the matcher.
+            now: Time; defaults to ``time.time()``.
+
+        Returns:
+            False (and nothing stored) if no such alert is held.
+        """
+        now = time.time() if now is None else now
+        with self._transaction("store the feedback") as conn:
+            known = conn.execute(
+                "SELECT 1 FROM alerts WHERE alert_id = ? AND body IS NOT NULL", [alert_id]
+            ).fetchone()
+            if known is None:
+                return False
+            conn.execute(
+                "INSERT INTO feedback VALUES (?, ?, ?, ?, ?)",
+                [feedback_id, alert_id, decision, note, now],
+            )
+            self._enqueue(conn, feedback_id, "feedback", body, now)
+        return True
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        """Counts for the status page: records, outbox, alerts, and the last load."""
+        with self._locked("read the status") as conn:
+            records = conn.execute(
+                "SELECT count(*) FILTER (WHERE active), count(*) FILTER (WHERE NOT active) "
+                "FROM records"
+            ).fetchone()
+            outbox = conn.execute(
+                "SELECT count(*) FILTER (WHERE status = 'pending'), "
+                "count(*) FILTER (WHERE status = 'acked'), "
+                "min(created_at) FILTER (WHERE status = 'pending') FROM outbox"
+            ).fetchone()
+            alerts = conn.execute(
+                "SELECT count(*) FILTER (WHERE status = 'open'), "
+                "count(*) FILTER (WHERE status = 'withdrawn') FROM alerts "
+                "WHERE body IS NOT NULL"
+            ).fetchone()
+            last = conn.execute(
+                "SELECT load_id, file_name, started_at, finished_at, counts FROM loads "
+                "ORDER BY finished_at DESC LIMIT 1"
+            ).fetchone()
+        assert records is not None and outbox is not None and alerts is not None
+        return {
+            "records": {"active": int(records[0]), "inactive": int(records[1])},
+            "outbox": {
+                "pending": int(outbox[0]),
+                "acked": int(outbox[1]),
+                "oldest_pending_at": outbox[2],
+            },
+            "alerts": {"open": int(alerts[0]), "withdrawn": int(alerts[1])},
+            "last_load": None
+            if last is None
+            else {
+                "load_id": last[0],
+                "file_name": last[1],
+                "started_at": last[2],
+                "finished_at": last[3],
+                "counts": json.loads(last[4]),
+            },
+        }
