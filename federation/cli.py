@@ -119,7 +119,7 @@ def link(
                 _fail(f"--mapping expects COUNTY=FILE, got {item!r}")
             mappings[county] = ColumnMapping.from_toml(Path(path))
         spec = TokenSpec.from_toml(token_spec) if token_spec else TokenSpec()
-        secret = secret_file.read_bytes().strip() if secret_file else os.urandom(32)
+        secret = _read_secret(secret_file) if secret_file else os.urandom(32)
         tokeniser = spec.bind(secret)
         loaded = LinkageModel.load(model) if model else None
         if loaded is not None and threshold is not None:
@@ -144,6 +144,18 @@ def link(
     if save_model:
         result.match.model.save(save_model)
     _summary(result, out)
+
+
+def _read_secret(path: Path) -> bytes:
+    """The federation secret as every node reads it (base64 or hex text in an owner-only file)."""
+    from federation.errors import ConfigError
+    from federation.keys import load_secret
+
+    try:
+        return load_secret(path)
+    except ConfigError as e:
+        _fail(str(e))
+        raise  # unreachable: _fail exits
 
 
 def _summary(result: object, out: Path) -> None:

@@ -197,14 +197,22 @@ def _start(federation: _Federation) -> None:
     env["PYTHONUNBUFFERED"] = "1"
     for party in federation.all():
         role = "matcher" if party.name == "matcher" else "node"
-        log = open(party.log, "ab")  # noqa: SIM115 - the child process owns it
-        party.process = subprocess.Popen(
-            [sys.executable, "-m", "federation.cli", role, "serve", "--config", str(party.config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+        with open(party.log, "ab") as log:  # the child keeps its own copy of the handle
+            party.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "federation.cli",
+                    role,
+                    "serve",
+                    "--config",
+                    str(party.config),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
 
 
 def _stop(federation: _Federation) -> None:
@@ -373,7 +381,9 @@ class LocalFederation:
         return dict(r.json())
 
     def wait_until_delivered(self, timeout: float = 300) -> None:
-        """Wait until the matcher has no pending records and no undelivered alert."""
+        """Wait until every node has published, and the matcher has scored everything and
+        delivered every alert."""
+        self.wait_until_published(timeout)
         _wait_until(
             lambda: (s := self.status())["alerts_pending"] == 0 and s["pending"] == 0,
             timeout,

@@ -13,7 +13,7 @@ endpoint               envelope kind               sender -> receiver  reply
 =====================  ==========================  =================  ==================
 matcher /v1/batches    ``token_batch``             node -> matcher     signed ``ack``
 matcher /v1/feedback   ``feedback``                node -> matcher     signed ``ack``
-node /v1/alerts        ``alert`` / ``withdrawal``  matcher -> node     signed ``ack``
+node /v1/alerts        ``alert_batch``             matcher -> node     signed ``ack``
 =====================  ==========================  =================  ==================
 """
 
@@ -26,8 +26,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "MAX_ALERT_BATCH",
     "MAX_BATCH_RECORDS",
     "Ack",
+    "AlertBatch",
     "AlertBody",
     "ExplanationItem",
     "FeedbackBody",
@@ -147,6 +149,22 @@ class WithdrawalBody(_Body):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+#: Largest number of alerts plus withdrawals in one alert batch.
+MAX_ALERT_BATCH = 1000
+
+
+class AlertBatch(_Body):
+    """Alerts and withdrawals for one county in one signed message (one transaction there)."""
+
+    schema_: Literal["alert_batch/1"] = Field("alert_batch/1", alias="schema")
+    batch_id: Hex
+    county: Id
+    alerts: list[AlertBody] = Field(default_factory=list, max_length=MAX_ALERT_BATCH)
+    withdrawals: list[WithdrawalBody] = Field(default_factory=list, max_length=MAX_ALERT_BATCH)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
 class FeedbackBody(_Body):
     """A safeguarding lead's clerical decision on an alert (the note stays at the county)."""
 
@@ -164,6 +182,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "ack": Ack,
     "alert": AlertBody,
     "withdrawal": WithdrawalBody,
+    "alert_batch": AlertBatch,
     "feedback": FeedbackBody,
 }
 

@@ -275,13 +275,20 @@ class LinkageModel:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ModelError(f"cannot read model {path}: {e}") from e
-        if data.get("format_version") != MODEL_FORMAT_VERSION:
-            raise ModelError(f"{path}: unknown model format {data.get('format_version')!r}")
-        return cls(
-            settings=data["splink_settings"],
-            threshold=float(data["threshold"]),
-            metadata=dict(data.get("metadata", {})),
-        )
+        if not isinstance(data, dict) or data.get("format_version") != MODEL_FORMAT_VERSION:
+            version = data.get("format_version") if isinstance(data, dict) else None
+            raise ModelError(f"{path}: not a Jigsaw model (format {version!r})")
+        try:
+            settings = data["splink_settings"]
+            if not isinstance(settings, dict) or not isinstance(settings.get("comparisons"), list):
+                raise TypeError("splink_settings has no comparisons")
+            return cls(
+                settings=settings,
+                threshold=float(data["threshold"]),
+                metadata=dict(data.get("metadata", {})),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelError(f"{path}: incomplete model ({e})") from e
 
     @property
     def trained(self) -> bool:

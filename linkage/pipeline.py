@@ -222,13 +222,21 @@ def match_tokens(
             candidate_pairs = engine.count_predictions(predictions)
     with stages("select"):
         pairs = engine.select_pairs(predictions, model, calibrated)
-        for side in ("l", "r"):
-            pairs[f"pseudonym_{side}"] = [
-                pseudonyms[c][i]
-                for c, i in zip(pairs[f"county_{side}"], pairs[f"pseudonym_{side}"], strict=True)
-            ]
     with stages("cluster"):
-        clusters = cluster_people(pairs)
+        # Clustered on the row numbers, whose order follows the tokens, so that ties between
+        # equal scores break the same way whatever the random pseudonyms are.
+        by_row = cluster_people(pairs)
+        members = by_row.members
+        clusters = Clusters(
+            members=members.assign(
+                pseudonym=[
+                    pseudonyms[c][i]
+                    for c, i in zip(members["county"], members["pseudonym"], strict=True)
+                ]
+            ),
+            pairs=_with_pseudonyms(by_row.pairs, pseudonyms),
+        )
+        pairs = _with_pseudonyms(pairs, pseudonyms)
         households = pd.concat(
             [
                 pd.DataFrame(
@@ -240,6 +248,16 @@ def match_tokens(
         )
         families = link_families(clusters.members, households)
     return MatchResult(calibrated, pairs, clusters, families, candidate_pairs)
+
+
+def _with_pseudonyms(pairs: pd.DataFrame, pseudonyms: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    out = pairs.copy()
+    for side in ("l", "r"):
+        out[f"pseudonym_{side}"] = [
+            pseudonyms[c][i]
+            for c, i in zip(pairs[f"county_{side}"], pairs[f"pseudonym_{side}"], strict=True)
+        ]
+    return out
 
 
 def _cross_pairs(sizes: Sequence[int]) -> float:
@@ -350,7 +368,7 @@ def link_files(
 def _reidentify(prepared: Mapping[str, PreparedCounty], match: MatchResult) -> LinkResult:
     ids = pd.concat([p.identities.assign(county=c) for c, p in prepared.items()], ignore_index=True)
     rid = ids.set_index(["county", "pseudonym"])["record_id"]
-    pairs = match.clusters.pairs
+    pairs = match.pairs
     left = rid.reindex(pd.MultiIndex.from_arrays([pairs["county_l"], pairs["pseudonym_l"]]))
     right = rid.reindex(pd.MultiIndex.from_arrays([pairs["county_r"], pairs["pseudonym_r"]]))
     pairs_out = pd.DataFrame(

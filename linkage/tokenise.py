@@ -301,7 +301,7 @@ class Tokeniser:
             for i in range(self.spec.bloom.words):
                 out[f"{f}_bf_{i}"] = pd.arrays.IntegerArray(words[:, i].copy(), missing)
             out[f"{f}_bf_n"] = pd.arrays.IntegerArray(counts, missing)
-        return pd.DataFrame(out, index=pd.RangeIndex(n))
+        return pd.DataFrame({c: out[c] for c in self.spec.token_columns()}, index=pd.RangeIndex(n))
 
     def _bloom(
         self, texts: _Factor, key: bytes, rng: np.random.Generator

@@ -108,7 +108,7 @@ def main() -> None:
     encode_seconds = time.perf_counter() - start
     sample_fraction = min(1.0, args.max_records / total)
     if sample_fraction < 1.0:
-        step = int(round(1 / sample_fraction))
+        step = round(1 / sample_fraction)
         clks = [c[::step] for c in clks]
         ids = [i[::step] for i in ids]
     compared = sum(len(a) * len(b) for i, a in enumerate(clks) for b in clks[i + 1 :])
@@ -117,7 +117,6 @@ def main() -> None:
         clks, anonlink.similarities.dice_coefficient_accelerated, args.min_threshold
     )
     compare_seconds = time.perf_counter() - start
-    sims, (dset0, dset1), (rec0, rec1) = candidates
     best = {"f1": -1.0}
     truth = _truth(args.data / "truth.csv", counties, ids)
     for threshold in [t / 100 for t in range(int(args.min_threshold * 100), 100)]:

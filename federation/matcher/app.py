@@ -12,9 +12,11 @@ import hmac
 import json
 import logging
 import random
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +31,7 @@ from federation.errors import AuthError, FederationError
 from federation.keys import load_private_key
 from federation.matcher.index import LinkIndex
 from federation.matcher.store import MatcherStore
-from federation.protocol import Ack, FeedbackBody, TokenBatch
+from federation.protocol import MAX_ALERT_BATCH, Ack, FeedbackBody, TokenBatch
 from federation.registry import MATCHER_ID, Registry
 from federation.settings import MatcherSettings
 from federation.signing import DuckDBNonceStore, require_sender_is, sign, verify
@@ -155,53 +157,78 @@ class Matcher:
                 logger.exception("delivery round failed")
                 time.sleep(1.0)
 
-    def deliver_once(self, *, limit: int = 200) -> int:
-        """Send due alert messages; returns how many were acknowledged."""
+    def deliver_once(self, *, limit: int = MAX_ALERT_BATCH) -> int:
+        """Send each county its due alert messages as one signed batch, counties in parallel.
+
+        Returns:
+            How many alert messages were acknowledged.
+        """
         now = time.time()
         with self.store.lock:
             due = self.store.conn.execute(
-                "SELECT alert_id, county, version, state, body, attempts FROM alerts "
-                "WHERE (delivered_version IS NULL OR delivered_version < version) "
-                "AND next_attempt_at <= ? ORDER BY updated_at LIMIT ?",
+                "SELECT county, alert_id, version, state, body, attempts FROM ("
+                "  SELECT *, row_number() OVER (PARTITION BY county ORDER BY updated_at) AS n"
+                "  FROM alerts WHERE (delivered_version IS NULL OR delivered_version < version)"
+                "  AND next_attempt_at <= ?) WHERE n <= ? ORDER BY county, updated_at",
                 [now, limit],
             ).fetchall()
-        delivered = 0
-        for alert_id, county, version, state, body, attempts in due:
-            ok = self._send_alert(county, state, json.loads(body))
-            with self.store.lock:
+        by_county: dict[str, list[tuple[str, int, str, str, int]]] = {}
+        for county, alert_id, version, state, body, attempts in due:
+            by_county.setdefault(county, []).append((alert_id, version, state, body, attempts))
+        if not by_county:
+            return 0
+        with ThreadPoolExecutor(max_workers=min(8, len(by_county))) as pool:
+            results = list(pool.map(lambda item: self._deliver(*item), by_county.items()))
+        return sum(results)
+
+    def _deliver(self, county: str, rows: list[tuple[str, int, str, str, int]]) -> int:
+        alerts = [json.loads(body) for _, _, state, body, _ in rows if state != "withdrawn"]
+        withdrawals = [json.loads(body) for _, _, state, body, _ in rows if state == "withdrawn"]
+        batch = {
+            "schema": "alert_batch/1",
+            "batch_id": secrets.token_hex(16),
+            "county": county,
+            "alerts": alerts,
+            "withdrawals": withdrawals,
+        }
+        ok = self._send_batch(county, batch)
+        with self.store.transaction() as conn:
+            for alert_id, version, _, _, attempts in rows:
                 if ok:
-                    self.store.conn.execute(
+                    # Only the version sent counts as delivered; a newer one stays due.
+                    conn.execute(
                         "UPDATE alerts SET delivered_version = ?, attempts = 0 "
                         "WHERE alert_id = ? AND version = ?",
                         [version, alert_id, version],
                     )
-                    delivered += 1
-                    self.metrics.alerts_sent += 1
                 else:
                     delay = min(self.settings.retry_max_seconds, 0.25 * 2 ** min(attempts, 10))
-                    self.store.conn.execute(
+                    conn.execute(
                         "UPDATE alerts SET attempts = attempts + 1, next_attempt_at = ? "
                         "WHERE alert_id = ?",
                         [time.time() + delay * random.uniform(0.8, 1.2), alert_id],
                     )
-                    self.metrics.delivery_failures += 1
-        return delivered
+        if ok:
+            self.metrics.alerts_sent += len(rows)
+            return len(rows)
+        self.metrics.delivery_failures += 1
+        return 0
 
-    def _send_alert(self, county: str, state: str, body: dict[str, Any]) -> bool:
+    def _send_batch(self, county: str, batch: dict[str, Any]) -> bool:
         entry = self.registry.nodes.get(county)
         if entry is None:
             return False
-        kind = "withdrawal" if state == "withdrawn" else "alert"
-        envelope = sign(body, kind=kind, sender=MATCHER_ID, recipient=county, private_key=self.key)
+        envelope = sign(
+            batch, kind="alert_batch", sender=MATCHER_ID, recipient=county, private_key=self.key
+        )
+        n = len(batch["alerts"]) + len(batch["withdrawals"])
         try:
             response = self.client.post(f"{entry.url.rstrip('/')}/v1/alerts", json=envelope)
         except httpx.HTTPError:
-            logger.warning("alert %s to %s: node unreachable", body["alert_id"], county)
+            logger.warning("%d alert messages to %s: node unreachable", n, county)
             return False
         if response.status_code != 200:
-            logger.warning(
-                "alert %s to %s: HTTP %d", body["alert_id"], county, response.status_code
-            )
+            logger.warning("%d alert messages to %s: HTTP %d", n, county, response.status_code)
             return False
         try:
             message = verify(
@@ -214,9 +241,12 @@ class Matcher:
             require_sender_is(message, county, body_fields=())
             ack = Ack.model_validate(message.body)
         except (AuthError, ValidationError, ValueError):
-            logger.warning("alert %s to %s: invalid acknowledgement", body["alert_id"], county)
+            logger.warning("alerts to %s: invalid acknowledgement", county)
             return False
-        return ack.ref == body["alert_id"]
+        if ack.ref != batch["batch_id"]:
+            return False
+        logger.info("delivered %d alert messages to %s", n, county)
+        return True
 
     # -------------------------------------------------------------- receiving
     def ack(self, recipient: str, ref: str, stored: bool, count: int) -> dict[str, Any]:

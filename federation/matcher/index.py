@@ -196,7 +196,8 @@ class LinkIndex:
             with self.store.lock:
                 new = self.store.conn.sql(
                     "SELECT t.* EXCLUDE (epoch, batch_id, stored_at) FROM tokens t SEMI JOIN "
-                    f"(SELECT * FROM pending LIMIT {int(limit)}) p USING (source_dataset, pseudonym)"
+                    f"(SELECT * FROM pending LIMIT {int(limit)}) p "
+                    "USING (source_dataset, pseudonym)"
                 ).to_arrow_table()
                 scored = self._predict_between(new)
         threshold = self.model.threshold
@@ -270,16 +271,21 @@ class LinkIndex:
             )
             frontier = ends - component
             component |= ends
+        previous: dict[Key, str] = {}
         if component:
             conn.register("c", pd.DataFrame(list(component), columns=["c", "p"]))
             pairs = conn.execute(
                 "SELECT * FROM pairs WHERE (county_l, pseudonym_l) IN (SELECT c, p FROM c)"
             ).df()
+            rows = conn.execute(
+                "SELECT county, pseudonym, cluster_id FROM clusters "
+                "WHERE (county, pseudonym) IN (SELECT c, p FROM c)"
+            ).fetchall()
+            previous = {(c, p): cid for c, p, cid in rows}
             conn.execute("DELETE FROM clusters WHERE (county, pseudonym) IN (SELECT c, p FROM c)")
             conn.unregister("c")
         if len(pairs):
-            clusters = cluster_people(pairs)
-            members = clusters.members
+            members = _keep_cluster_ids(cluster_people(pairs).members, previous)
             if len(members):
                 conn.register("m", members)
                 conn.execute("INSERT INTO clusters SELECT cluster_id, county, pseudonym FROM m")
@@ -594,6 +600,33 @@ class LinkIndex:
                 }
             )
         return others
+
+
+def _keep_cluster_ids(members: pd.DataFrame, previous: dict[Key, str]) -> pd.DataFrame:
+    """Give each new cluster the id its members had before, where that is unambiguous.
+
+    A cluster that grows or loses a member keeps its id, so a county's alert keeps naming the
+    same cluster; a cluster that splits keeps the id in its largest part only.
+    """
+    if members.empty or not previous:
+        return members
+    keys = zip(members["county"], members["pseudonym"], strict=True)
+    members = members.assign(previous=pd.Series([previous.get(k) for k in keys], dtype=object))
+    votes = (
+        members.dropna(subset=["previous"])
+        .groupby(["cluster_id", "previous"])
+        .size()
+        .reset_index(name="n")
+        .sort_values(["n", "cluster_id", "previous"], ascending=[False, True, True])
+    )
+    rename: dict[str, str] = {}
+    taken: set[str] = set()
+    for new_id, old_id in zip(votes["cluster_id"], votes["previous"], strict=True):
+        if new_id not in rename and old_id not in taken:
+            rename[new_id] = old_id
+            taken.add(old_id)
+    members["cluster_id"] = [rename.get(c, c) for c in members["cluster_id"]]
+    return members.drop(columns=["previous"])
 
 
 def _dedupe_reviews(reviews: list[dict[str, str]]) -> list[dict[str, str]]:

@@ -47,7 +47,7 @@ from federation.keys import load_secret
 from federation.node.ingest import ingest_file
 from federation.node.publisher import Publisher, load_identity
 from federation.node.store import NodeStore
-from federation.protocol import Ack, AlertBody, FeedbackBody, WithdrawalBody
+from federation.protocol import Ack, AlertBatch, AlertBody, FeedbackBody, WithdrawalBody
 from federation.registry import MATCHER_ID, Registry
 from federation.settings import NodeSettings
 from federation.signing import DuckDBNonceStore, require_sender_is, sign, verify
@@ -276,10 +276,11 @@ def _routes(app: FastAPI) -> None:
         kind: Literal["person", "family"] | None = None,
         status: Literal["open", "withdrawn"] | None = None,
         county: str | None = None,
+        since: float | None = None,
     ) -> dict[str, Any]:
         alerts = [
             _inbox_item(row)
-            for row in node.store.inbox(kind=kind, status=status)
+            for row in node.store.inbox(kind=kind, status=status, since=since)
             if county is None or county in {o["county"] for o in row["body"]["other_counties"]}
         ]
         return {"alerts": alerts}
@@ -316,7 +317,7 @@ def _receive_alert(node: NodeContext, raw: bytes) -> JSONResponse:
     except (ValueError, RecursionError):
         raise AuthError("body is not a JSON envelope") from None
     kind = envelope.get("kind") if isinstance(envelope, dict) else None
-    if kind not in ("alert", "withdrawal"):
+    if kind not in ("alert", "withdrawal", "alert_batch"):
         raise AuthError("not an alert or withdrawal envelope")
     message = verify(
         envelope,
@@ -327,6 +328,8 @@ def _receive_alert(node: NodeContext, raw: bytes) -> JSONResponse:
         nonces=node.alert_nonces,
     )
     require_sender_is(message, MATCHER_ID, body_fields=())
+    if kind == "alert_batch":
+        return _receive_alert_batch(node, _parse(AlertBatch, message.body))
     body: AlertBody | WithdrawalBody
     if kind == "alert":
         body = _parse(AlertBody, message.body)
@@ -345,6 +348,32 @@ def _receive_alert(node: NodeContext, raw: bytes) -> JSONResponse:
     logger.info("%s %s version %d: %s", kind, body.alert_id, body.version, outcome)
     # model_validate rather than the constructor: mypy cannot see the aliased defaults.
     ack = Ack.model_validate({"ref": body.alert_id, "status": outcome})
+    reply = sign(
+        ack.model_dump(by_alias=True),
+        kind="ack",
+        sender=node_id,
+        recipient=MATCHER_ID,
+        private_key=node.private_key,
+    )
+    return JSONResponse(reply)
+
+
+def _receive_alert_batch(node: NodeContext, batch: AlertBatch) -> JSONResponse:
+    """Store a batch of alerts and withdrawals in one transaction; one signed ack for all."""
+    node_id = node.settings.node_id
+    counties = {a.county for a in batch.alerts} | {w.county for w in batch.withdrawals}
+    if batch.county != node_id or counties - {node_id}:
+        raise AuthError("alert about another county")
+    stored, duplicates = node.store.store_alert_batch(list(batch.alerts), list(batch.withdrawals))
+    node.audit.append(
+        "alerts.received",
+        MATCHER_ID,
+        {"batch_id": batch.batch_id, "stored": stored, "duplicates": duplicates},
+    )
+    logger.info("alert batch %s: %d stored, %d duplicates", batch.batch_id, stored, duplicates)
+    ack = Ack.model_validate(
+        {"ref": batch.batch_id, "status": "stored" if stored else "duplicate", "count": stored}
+    )
     reply = sign(
         ack.model_dump(by_alias=True),
         kind="ack",

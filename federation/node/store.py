@@ -470,6 +470,88 @@ class NodeStore:
             )
         return "stored"
 
+    def store_alert_batch(
+        self,
+        alerts: list[AlertBody],
+        withdrawals: list[WithdrawalBody],
+        *,
+        now: float | None = None,
+    ) -> tuple[int, int]:
+        """Keep a batch of alerts and withdrawals in one transaction, with the rules of
+        :meth:`store_alert` and :meth:`withdraw_alert` applied row by row, set-wise.
+
+        Returns:
+            ``(stored, duplicates)``.
+        """
+        now = time.time() if now is None else now
+        incoming = pd.DataFrame(
+            {
+                "alert_id": [a.alert_id for a in alerts],
+                "version": pd.array([a.version for a in alerts], dtype="int64"),
+                "kind": [a.kind for a in alerts],
+                "cluster_id": [a.cluster_id for a in alerts],
+                "pseudonym": [a.pseudonym for a in alerts],
+                "household": [a.household for a in alerts],
+                "body": [a.model_dump_json(by_alias=True) for a in alerts],
+            }
+        )
+        gone = pd.DataFrame(
+            {
+                "alert_id": [w.alert_id for w in withdrawals],
+                "version": pd.array([w.version for w in withdrawals], dtype="int64"),
+                "reason": [w.reason for w in withdrawals],
+            }
+        )
+        with self._transaction("store alerts") as conn:
+            conn.register("incoming", incoming)
+            conn.register("gone", gone)
+            # Alerts: new ids are inserted; a higher version replaces (and reopens) one held.
+            fresh = conn.execute(
+                "SELECT count(*) FROM incoming i ANTI JOIN alerts a USING (alert_id)"
+            ).fetchall()[0][0]
+            newer = conn.execute(
+                "SELECT count(*) FROM incoming i JOIN alerts a USING (alert_id) "
+                "WHERE i.version > a.version"
+            ).fetchall()[0][0]
+            conn.execute(
+                "UPDATE alerts SET version = i.version, kind = i.kind, cluster_id = i.cluster_id, "
+                "pseudonym = i.pseudonym, household = i.household, body = i.body, "
+                "status = 'open', reason = NULL, updated_at = ? FROM incoming i "
+                "WHERE alerts.alert_id = i.alert_id AND i.version > alerts.version",
+                [now],
+            )
+            conn.execute(
+                "INSERT INTO alerts SELECT i.alert_id, i.version, i.kind, i.cluster_id, "
+                "i.pseudonym, i.household, i.body, 'open', NULL, ?, ? "
+                "FROM incoming i ANTI JOIN alerts a USING (alert_id)",
+                [now, now],
+            )
+            # Withdrawals: kept even before their alert; a same-version withdrawal wins.
+            fresh_gone = conn.execute(
+                "SELECT count(*) FROM gone g ANTI JOIN alerts a USING (alert_id)"
+            ).fetchall()[0][0]
+            newer_gone = conn.execute(
+                "SELECT count(*) FROM gone g JOIN alerts a USING (alert_id) "
+                "WHERE g.version > a.version OR (g.version = a.version AND a.status <> 'withdrawn')"
+            ).fetchall()[0][0]
+            conn.execute(
+                "UPDATE alerts SET version = g.version, status = 'withdrawn', reason = g.reason, "
+                "updated_at = ? FROM gone g WHERE alerts.alert_id = g.alert_id AND "
+                "(g.version > alerts.version OR "
+                "(g.version = alerts.version AND alerts.status <> 'withdrawn'))",
+                [now],
+            )
+            conn.execute(
+                "INSERT INTO alerts (alert_id, version, status, reason, received_at, updated_at) "
+                "SELECT g.alert_id, g.version, 'withdrawn', g.reason, ?, ? "
+                "FROM gone g ANTI JOIN alerts a USING (alert_id)",
+                [now, now],
+            )
+            conn.unregister("incoming")
+            conn.unregister("gone")
+        stored = int(fresh + newer + fresh_gone + newer_gone)
+        return stored, len(alerts) + len(withdrawals) - stored
+
     def has_alert(self, alert_id: str) -> bool:
         """Whether an alert (with a body, i.e. one that can be shown) is held."""
         with self._locked("read alerts") as conn:
@@ -478,12 +560,15 @@ class NodeStore:
             ).fetchone()
         return row is not None
 
-    def inbox(self, *, kind: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
+    def inbox(
+        self, *, kind: str | None = None, status: str | None = None, since: float | None = None
+    ) -> list[dict[str, Any]]:
         """Alerts held, newest change first, each re-identified to the county's own records.
 
         Args:
             kind: Only ``"person"`` or ``"family"`` alerts.
             status: Only ``"open"`` or ``"withdrawn"`` alerts.
+            since: Only alerts changed after this time (seconds since the epoch).
 
         Returns:
             One dict per alert: ``alert_id, kind, cluster_id, version, status, reason,
@@ -492,13 +577,17 @@ class NodeStore:
             display fields; the record for a person alert, the household's members for a
             family alert) and ``feedback`` (this county's own decisions and notes).
         """
-        where, params = ["a.body IS NOT NULL"], []
+        where: list[str] = ["a.body IS NOT NULL"]
+        params: list[Any] = []
         if kind is not None:
             where.append("a.kind = ?")
             params.append(kind)
         if status is not None:
             where.append("a.status = ?")
             params.append(status)
+        if since is not None:
+            where.append("a.updated_at > ?")
+            params.append(since)
         condition = " AND ".join(where)
         with self._locked("read alerts") as conn:
             alerts = conn.execute(

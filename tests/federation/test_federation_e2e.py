@@ -111,7 +111,7 @@ def test_changes_and_withdrawals_reach_every_county(tmp_path: Path) -> None:
         # in near real time, with one cluster id.
         target = files[1].stem
         source = pd.read_csv(files[2], dtype=str, keep_default_na=False)
-        known = {a["local_record_id"] for a in local.alerts(files[2].stem)}
+        known = {a.get("local_record_id") for a in local.alerts(files[2].stem)}
         fresh = source[~source["record_id"].isin(known)].iloc[[0]].copy()
         fresh["record_id"] = "NEW-0001"
         fresh["household_id"] = "NEW-HH-1"
@@ -124,7 +124,7 @@ def test_changes_and_withdrawals_reach_every_county(tmp_path: Path) -> None:
         deadline = start + 30
         hits: list[dict[str, Any]] = []
         while time.monotonic() < deadline:
-            hits = [a for a in local.alerts(target) if a["local_record_id"] == "NEW-0001"]
+            hits = [a for a in local.alerts(target) if a.get("local_record_id") == "NEW-0001"]
             if hits:
                 break
             time.sleep(0.1)
