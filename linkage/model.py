@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from splink.internals.exceptions import SplinkException
 
 from linkage.errors import ModelError
 from linkage.tokenise import BloomSpec
@@ -214,15 +215,20 @@ class TrainingOptions:
     seed: int = 42
 
 
-#: EM sessions: each trains every comparison except the ones its rule blocks on. Splink finds
-#: those by the columns a rule names; ``blk_name`` (phonetic given + family name) fixes the
-#: names without naming their Bloom-filter columns, so the rule names them too (the added
-#: conditions hold whenever the names are present) to keep EM from training names on pairs
-#: that were chosen for having the same name.
+#: EM sessions: each trains every comparison except the ones its rule blocks on. Both rules
+#: pick pairs that are nearly all matches at any size of federation, so EM's match class is
+#: the matches and m comes out as their real disagreement rates. (A loose rule such as "same
+#: date of birth" is 1% matches among a million records, and EM then mistakes look-alike
+#: non-matches for matches.) Splink finds the comparisons a rule fixes by the columns it
+#: names; ``blk_name`` (phonetic given + family name) fixes the names without naming their
+#: Bloom-filter columns, so the rule names them too (those conditions hold whenever the
+#: names are present). Without NHS numbers, the date-of-birth rule stands in.
 _EM_RULES: tuple[str, ...] = (
-    "l.dob = r.dob",
-    "l.blk_name = r.blk_name AND l.given_bf_n = l.given_bf_n AND r.family_bf_n = r.family_bf_n",
+    "l.nhs = r.nhs",
+    "l.dob = r.dob AND l.blk_name = r.blk_name "
+    "AND l.given_bf_n = l.given_bf_n AND r.family_bf_n = r.family_bf_n",
 )
+_EM_FALLBACK_RULE = "l.dob = r.dob AND l.blk_gi = r.blk_gi"
 _PRIOR_RULES: tuple[str, ...] = (
     "l.nhs = r.nhs",
     "l.dob = r.dob AND l.blk_name = r.blk_name",
@@ -396,15 +402,26 @@ class LinkageModel:
             linker.training.estimate_u_using_random_sampling(
                 max_pairs=opts.u_max_pairs, seed=opts.seed
             )
+            # A level that no random pair reached (two NHS numbers equal, say) is rare, not
+            # unknown: give it a u below what the sample could see, before EM relies on it.
+            floor_u = 0.5 / opts.u_max_pairs
+            settings, unseen = _floor_unseen_u(linker.misc.save_model_to_json(), floor_u)
+            linker = engine.linker(tables, settings)
             # Below ~100k records every blocked pair fits; sampling would only add noise.
             em_max_pairs = opts.em_max_pairs if total > 100_000 else None
             for rule in _EM_RULES:
-                linker.training.estimate_parameters_using_expectation_maximisation(
-                    rule, max_pairs=em_max_pairs
-                )
+                try:
+                    linker.training.estimate_parameters_using_expectation_maximisation(
+                        rule, max_pairs=em_max_pairs
+                    )
+                except (ValueError, RuntimeError, SplinkException):
+                    # Too few pairs under this rule (no NHS numbers recorded, say).
+                    linker.training.estimate_parameters_using_expectation_maximisation(
+                        _EM_FALLBACK_RULE, max_pairs=em_max_pairs
+                    )
         except (ValueError, RuntimeError) as e:
             raise ModelError(f"training failed: {e}") from e
-        settings = _clamp(linker.misc.save_model_to_json())
+        settings = _clamp(linker.misc.save_model_to_json(), unseen)
         trained = LinkageModel(settings=settings, metadata=dict(self.metadata))
         trained.metadata.update({"trained_on_records": total, "counties": len(tables)})
         return trained
@@ -444,20 +461,45 @@ class LinkageModel:
         return LinkageModel(settings=settings, threshold=threshold, metadata=meta)
 
 
-def _clamp(settings: dict[str, Any]) -> dict[str, Any]:
+def _is_probability(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _floor_unseen_u(
+    settings: dict[str, Any], floor: float
+) -> tuple[dict[str, Any], set[tuple[str, str]]]:
+    """Give levels that random sampling never reached a small u; name them."""
+    settings = copy.deepcopy(settings)
+    unseen: set[tuple[str, str]] = set()
+    for c in settings["comparisons"]:
+        for lvl in c["comparison_levels"]:
+            if lvl.get("is_null_level") or _is_probability(lvl.get("u_probability")):
+                continue
+            lvl["u_probability"] = floor
+            unseen.add((c["output_column_name"], lvl["label_for_charts"]))
+    return settings, unseen
+
+
+def _clamp(settings: dict[str, Any], unseen_u: set[tuple[str, str]]) -> dict[str, Any]:
+    """Make a trained model loadable and sane where training saw too little.
+
+    A level that neither random pairs nor EM ever reached carries no evidence either way
+    (m = u); one that EM never reached but random pairs did gets a small m; every m and u
+    is kept off zero.
+    """
     settings = copy.deepcopy(settings)
     for c in settings["comparisons"]:
         levels = [lvl for lvl in c["comparison_levels"] if not lvl.get("is_null_level")]
-        if any(not isinstance(lvl.get("u_probability"), (int, float)) for lvl in levels):
-            # A comparison whose column is empty everywhere cannot be trained: make it
-            # neutral (m = u) rather than refuse the whole model.
-            for lvl in levels:
-                lvl["m_probability"] = lvl["u_probability"] = 1.0 / len(levels)
         for lvl in levels:
-            for key, floor in (("m_probability", _MIN_M), ("u_probability", _MIN_U)):
-                value = lvl.get(key)
-                if not isinstance(value, (int, float)) or value < floor:
-                    lvl[key] = floor
+            key = (c["output_column_name"], lvl["label_for_charts"])
+            m, u = lvl.get("m_probability"), lvl.get("u_probability")
+            m_seen = _is_probability(m) and m > 0
+            if key in unseen_u:
+                # u is already the sampling floor; with no m either, the level is neutral.
+                lvl["m_probability"] = max(m, _MIN_M) if m_seen else u
+                continue
+            lvl["m_probability"] = max(m, _MIN_M) if m_seen else _MIN_M
+            lvl["u_probability"] = max(u, _MIN_U) if _is_probability(u) else _MIN_U
     return settings
 
 
