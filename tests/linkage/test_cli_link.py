@@ -185,14 +185,6 @@ def test_an_invalid_token_spec_is_refused(
     assert "bloom.bits" in result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG federation/cli.py link: --secret-file is used as raw bytes "
-    "(secret_file.read_bytes().strip()), but federation secret files are base64/hex text "
-    "(federation.keys.write_secret / load_secret), so `jigsaw link` keys its tokens with the "
-    "text of the file, not the secret every node uses",
-)
 def test_the_secret_file_is_read_as_the_nodes_read_it(
     federation_files: FederationFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

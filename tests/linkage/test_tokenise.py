@@ -259,13 +259,6 @@ def test_output_shape_and_types(tokeniser: Tokeniser, sample_records: pd.DataFra
         assert str(tokens[column].dtype) == expected, column
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG linkage/tokenise.py Tokeniser.tokenise emits given_fc, family_fc before the "
-    "Bloom columns, but TokenSpec.token_columns(), documented as the columns it emits 'in "
-    "order', lists them last: a consumer comparing the two lists refuses every token table",
-)
 def test_output_columns_come_in_the_spec_order(
     tokeniser: Tokeniser, sample_records: pd.DataFrame
 ) -> None:
