@@ -62,6 +62,30 @@ def identifier_values(
     return sorted(values)
 
 
+def _hex_like(value: bytes) -> bool:
+    return all(ch in b"0123456789abcdef" for ch in value)
+
+
+def _found(data: bytes, value: bytes) -> bool:
+    """Whether ``value`` occurs in ``data``.
+
+    A value made only of hex digits (an NHS number, a postcode written without its space such
+    as "b369ab") also occurs by chance inside the hex pseudonyms and ids the matcher rightly
+    stores, so for those only an occurrence that is not part of a longer run of hex digits
+    counts.
+    """
+    if not _hex_like(value):
+        return value in data
+    start = data.find(value)
+    while start != -1:
+        before = data[start - 1 : start]
+        after = data[start + len(value) : start + len(value) + 1]
+        if not (before and _hex_like(before)) and not (after and _hex_like(after)):
+            return True
+        start = data.find(value, start + 1)
+    return False
+
+
 def scan_for_plaintext(paths: Iterable[Path], values: Sequence[tuple[str, bytes]]) -> ScanReport:
     """Search every file under ``paths`` for any of ``values``."""
     files = [
@@ -73,6 +97,6 @@ def scan_for_plaintext(paths: Iterable[Path], values: Sequence[tuple[str, bytes]
         data = path.read_bytes().lower()
         scanned += len(data)
         for kind, value in values:
-            if value in data:
+            if _found(data, value):
                 found.add(f"{kind} in {path.name}")
     return ScanReport(len(files), scanned, len(values), tuple(sorted(found)))

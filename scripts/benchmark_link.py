@@ -209,6 +209,10 @@ def _quality(
         ).as_dict()
     if families:
         fam = pd.read_csv(out / "families.csv", dtype=str)
+        largest = int(fam.groupby("family_id").size().max()) if len(fam) else 0
+        q["largest_family_households"] = largest
+        if largest > 2000:  # enumerating its pairs would not fit in memory; report the size
+            return q
         q["families"] = pair_quality(
             cluster_pairs(fam, cluster="family_id", county="county", member="household_id"),
             true_household_pairs(truth, households),
