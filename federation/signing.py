@@ -106,25 +106,37 @@ def canonical_bytes(obj: Any) -> bytes:
     ).encode("utf-8")
 
 
+_SCALARS = (str, int, bool, type(None))
+
+
 def _check_json_value(obj: Any, where: str) -> None:
-    # An explicit stack rather than recursion: bodies come from the network.
+    # An explicit stack rather than recursion: bodies come from the network. Scalars are
+    # checked in place and paths are only formatted for containers and errors, because a
+    # token batch holds a couple of hundred thousand values and is checked on every hop.
     stack: list[tuple[Any, str]] = [(obj, where)]
     while stack:
         value, path = stack.pop()
-        if value is None or isinstance(value, (str, bool, int)):
-            continue
-        if isinstance(value, float):
-            if not math.isfinite(value):
-                raise ValueError(f"{path}: NaN and infinity have no canonical JSON form")
-        elif isinstance(value, Mapping):
-            for key, item in value.items():
+        if isinstance(value, Mapping):
+            items: Any = value.items()
+            for key, _ in items:
                 if not isinstance(key, str):
                     raise ValueError(f"{path}: dict keys must be str, got {type(key).__name__}")
-                stack.append((item, f"{path}.{key}"))
+            labelled = ((f"{path}.{key}", item) for key, item in value.items())
         elif isinstance(value, (list, tuple)):
-            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+            labelled = ((None, item) for item in value)
         else:
-            raise ValueError(f"{path}: {type(value).__name__} is not a JSON value")
+            labelled = iter([(path, value)])
+        for index, (label, item) in enumerate(labelled):
+            if isinstance(item, _SCALARS):
+                continue
+            here = label if label is not None else f"{path}[{index}]"
+            if isinstance(item, float):
+                if not math.isfinite(item):
+                    raise ValueError(f"{here}: NaN and infinity have no canonical JSON form")
+            elif isinstance(item, (Mapping, list, tuple)):
+                stack.append((item, here))
+            else:
+                raise ValueError(f"{here}: {type(item).__name__} is not a JSON value")
 
 
 # --------------------------------------------------------------------------- envelopes
