@@ -6,10 +6,12 @@ report. Contracts that outside tools rely on (``link``, ``demo``) are described 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from linkage.engine import SplinkEngine
 from linkage.errors import LinkageError
 from linkage.model import LinkageModel, TrainingOptions
 from linkage.pipeline import Stages, link_files
@@ -99,6 +102,12 @@ def link(
         float | None, typer.Option(help="Alert threshold (default: the model's calibrated one).")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for repeatable runs.")] = None,
+    engine: Annotated[
+        str, typer.Option(help="Where Splink runs: duckdb (embedded) or spark.")
+    ] = "duckdb",
+    spark_master: Annotated[
+        str, typer.Option(help="Spark master URL with --engine spark.")
+    ] = "local[2]",
 ) -> None:
     """Link county exports offline: tokenise each as its node would, match on tokens only.
 
@@ -124,13 +133,16 @@ def link(
         loaded = LinkageModel.load(model) if model else None
         if loaded is not None and threshold is not None:
             loaded.threshold = threshold
+        if engine not in ("duckdb", "spark"):
+            _fail(f"--engine must be duckdb or spark, not {engine!r}")
         stages, status = _progress_hook()
-        with status:  # type: ignore[attr-defined]
+        with status, _link_engine(engine, spark_master) as splink_engine:  # type: ignore[attr-defined]
             result = link_files(
                 files,
                 tokeniser,
                 mappings=mappings,
                 model=loaded,
+                engine=splink_engine,
                 stages=stages,
                 training=TrainingOptions(seed=seed if seed is not None else 42),
                 seed=seed,
@@ -144,6 +156,16 @@ def link(
     if save_model:
         result.match.model.save(save_model)
     _summary(result, out)
+
+
+@contextlib.contextmanager
+def _link_engine(engine: str, spark_master: str) -> Iterator[SplinkEngine | None]:
+    """The Splink engine of ``jigsaw link`` (``None``: the pipeline's in-memory DuckDB)."""
+    if engine == "duckdb":
+        yield None
+        return
+    with SplinkEngine("spark", spark_master=spark_master) as spark:
+        yield spark
 
 
 def _read_secret(path: Path) -> bytes:
@@ -303,6 +325,61 @@ def node_publish(config: ConfigOption) -> None:
     settings = _settings(lambda: load_settings(NodeSettings, config))
     sent = publish_pending(settings)
     console.print(f"{sent} messages acknowledged by the matcher")
+
+
+@node_app.command("user-add")
+def node_user_add(
+    username: Annotated[str, typer.Argument(help="Name: lower-case letters, digits, . _ -")],
+    config: ConfigOption,
+    password_file: Annotated[
+        Path | None,
+        typer.Option("--password-file", help="Read the password from this file's first line."),
+    ] = None,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="Set a new password for an existing user.")
+    ] = False,
+) -> None:
+    """Add a safeguarding lead's inbox account, or reset its password with --replace.
+
+    Opens a stopped node's store directly; while the node runs (and holds its store), asks it
+    through its admin API instead. The password comes from a prompt unless --password-file.
+    """
+    import httpx
+
+    from federation.errors import StoreError
+    from federation.node.accounts import AccountError, add_user_to_database, check_new_password
+    from federation.node.notify import inbox_url
+    from federation.settings import NodeSettings, load_settings
+
+    settings = _settings(lambda: load_settings(NodeSettings, config))
+    if password_file is not None:
+        try:
+            password = (password_file.read_text(encoding="utf-8").splitlines() or [""])[0]
+        except (OSError, UnicodeDecodeError):
+            _fail(f"cannot read the password file {password_file}")
+            return
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    try:
+        check_new_password(username, password)
+        outcome = add_user_to_database(settings.database, username, password, replace=replace)
+    except AccountError as e:
+        _fail(str(e))
+        return
+    except StoreError:  # the running node holds the store: ask it
+        url = f"{settings.scheme}://{settings.host}:{settings.port}/v1/admin/users"
+        body = {"username": username, "password": password, "replace": replace}
+        try:
+            r = httpx.post(
+                url, json=body, headers={"Authorization": f"Bearer {settings.admin_token}"}
+            )
+        except httpx.HTTPError:
+            _fail(f"cannot open {settings.database}, and no node answers at {url}")
+            return
+        if r.status_code != 201:
+            _fail(f"refused ({r.status_code}): {r.json().get('detail', '')}")
+        outcome = r.json()["status"]
+    console.print(f"User {username} {outcome}. Sign in at {inbox_url(settings)}")
 
 
 @matcher_app.command("serve")

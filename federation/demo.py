@@ -29,7 +29,7 @@ import httpx
 import pandas as pd
 
 from federation.errors import ConfigError, TransportError
-from federation.keys import init_federation, load_secret, secret_path
+from federation.keys import init_federation, load_secret, secret_path, write_secret
 from federation.privacy_scan import identifier_values, scan_for_plaintext
 from linkage.evaluate import cluster_pairs, pair_quality, true_household_pairs, true_person_pairs
 from linkage.pipeline import Stages, link_files
@@ -135,7 +135,11 @@ def _write_toml(path: Path, values: dict[str, Any]) -> None:
 
 
 def _set_up(
-    out: Path, counties: list[str], seeds: dict[str, int], matcher_extra: dict[str, Any]
+    out: Path,
+    counties: list[str],
+    seeds: dict[str, int],
+    matcher_extra: dict[str, Any],
+    node_extra: dict[str, Any] | None = None,
 ) -> _Federation:
     ports = {name: _free_port() for name in ["matcher", *counties]}
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
@@ -186,6 +190,7 @@ def _set_up(
                 "secret": str(secret_path(out)),
                 "admin_token": party.admin_token,
                 **({"tokenise_seed": seeds[county]} if county in seeds else {}),
+                **(node_extra or {}),
             },
         )
         federation.nodes[county] = party
@@ -193,31 +198,36 @@ def _set_up(
 
 
 def _start(federation: _Federation) -> None:
+    for party in federation.all():
+        _start_party(party)
+
+
+def _start_party(party: _Party) -> None:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
-    for party in federation.all():
-        role = "matcher" if party.name == "matcher" else "node"
-        with open(party.log, "ab") as log:  # the child keeps its own copy of the handle
-            party.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "federation.cli",
-                    role,
-                    "serve",
-                    "--config",
-                    str(party.config),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
+    role = "matcher" if party.name == "matcher" else "node"
+    with open(party.log, "ab") as log:  # the child keeps its own copy of the handle
+        party.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "federation.cli",
+                role,
+                "serve",
+                "--config",
+                str(party.config),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
 
 
 def _stop(federation: _Federation) -> None:
     for party in federation.all():
         if party.process and party.process.poll() is None:
+            party.process.send_signal(signal.SIGCONT)  # a paused party could not act on TERM
             party.process.send_signal(signal.SIGTERM)
     for party in federation.all():
         if party.process:
@@ -227,9 +237,11 @@ def _stop(federation: _Federation) -> None:
                 party.process.kill()
 
 
-def _wait_ready(client: httpx.Client, federation: _Federation, timeout: float) -> None:
+def _wait_ready(
+    client: httpx.Client, federation: _Federation, timeout: float, only: _Party | None = None
+) -> None:
     deadline = time.monotonic() + timeout
-    for party in federation.all():
+    for party in [only] if only is not None else federation.all():
         while True:
             if party.process and party.process.poll() is not None:
                 raise TransportError(f"{party.name} exited during start-up; see {party.log}")
@@ -267,6 +279,10 @@ class LocalFederation:
         counties: County ids.
         seeds: Per-county seed for the Bloom-filter bit flips (repeatable runs).
         matcher_settings: Extra matcher settings (e.g. ``{"auto_link": True}``).
+        node_settings: Extra settings for every node (e.g. ``{"batch_size": 50}``).
+        secret: The federation secret to use instead of a fresh one, so that two federations
+            given the same secret, seeds and files make the same tokens (fault-injection
+            tests compare a faulty run with a fault-free one this way).
     """
 
     def __init__(
@@ -276,9 +292,15 @@ class LocalFederation:
         *,
         seeds: dict[str, int] | None = None,
         matcher_settings: dict[str, Any] | None = None,
+        node_settings: dict[str, Any] | None = None,
+        secret: bytes | None = None,
     ) -> None:
         self.out = out
-        self.federation = _set_up(out, list(counties), seeds or {}, matcher_settings or {})
+        self.federation = _set_up(
+            out, list(counties), seeds or {}, matcher_settings or {}, node_settings
+        )
+        if secret is not None:
+            write_secret(secret_path(out), secret, overwrite=True)
         self.client = httpx.Client(timeout=httpx.Timeout(300.0, connect=2.0))
 
     def __enter__(self) -> LocalFederation:
@@ -307,6 +329,53 @@ class LocalFederation:
     def nodes(self) -> dict[str, _Party]:
         """County id -> node."""
         return self.federation.nodes
+
+    # ------------------------------------------------------------ fault injection
+    def party(self, name: str) -> _Party:
+        """The matcher (``"matcher"``) or a county's node."""
+        return self.matcher if name == "matcher" else self.nodes[name]
+
+    def kill(self, name: str) -> None:
+        """Kill a party's process with SIGKILL (a crash: no shutdown code runs) and reap it."""
+        process = self.party(name).process
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(timeout=20)
+
+    def terminate(self, name: str, timeout: float = 30.0) -> int:
+        """Stop a party with SIGTERM (a graceful shutdown) and return its exit code.
+
+        Raises:
+            subprocess.TimeoutExpired: If it has not exited within ``timeout`` seconds (it is
+                then still running).
+        """
+        process = self.party(name).process
+        if process is None:
+            raise TransportError(f"{name} was never started")
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+            process.send_signal(signal.SIGTERM)
+        return process.wait(timeout=timeout)
+
+    def pause(self, name: str) -> None:
+        """Freeze a party with SIGSTOP: it holds its connections but answers nothing."""
+        process = self.party(name).process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        """Let a paused party run again (SIGCONT)."""
+        process = self.party(name).process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+
+    def restart(self, name: str, timeout: float = 60.0) -> None:
+        """Start a stopped or killed party again, with the same settings, port and files, and
+        wait until it is ready (a party still running is killed first)."""
+        self.kill(name)
+        party = self.party(name)
+        _start_party(party)
+        _wait_ready(self.client, self.federation, timeout, only=party)
 
     def ingest(self, county: str, path: Path) -> dict[str, Any]:
         """Have a node ingest a file (it then publishes what changed)."""
@@ -408,6 +477,7 @@ def run_demo(options: DemoOptions, say: Say = print) -> dict[str, Any]:
     files, truth_path = _county_files(options, say)
     seeds = {f.stem: options.seed + i for i, f in enumerate(files)}
     local = LocalFederation(out, [f.stem for f in files], seeds=seeds)
+    users_file = _add_inbox_users(local, out)  # one inbox account per node, for people to use
     say(f"Starting the matcher and {len(files)} county nodes, each its own process on loopback")
     t = time.perf_counter()
     with local:
@@ -477,6 +547,11 @@ def run_demo(options: DemoOptions, say: Say = print) -> dict[str, Any]:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
         if options.keep_running:
             _print_tokens(local.federation, out, say)
+            first = next(iter(local.nodes.values()))
+            say(
+                f"Inboxes: open {first.url}/inbox (and each node's /inbox); sign in as 'lead' "
+                f"with the password for that county in {users_file}"
+            )
             say("Servers keep running; press Ctrl-C to stop them.")
             try:
                 while all(p.process and p.process.poll() is None for p in local.federation.all()):
@@ -492,6 +567,25 @@ def _print_tokens(federation: _Federation, out: Path, say: Say) -> None:
     path.write_text("party\turl\tadmin_token\n" + "\n".join(lines) + "\n")
     path.chmod(0o600)
     say(f"Admin tokens for the running servers: {path}")
+
+
+def _add_inbox_users(local: LocalFederation, out: Path) -> Path:
+    """Give each (not yet started) node an inbox user ``lead`` with a random password, and
+    write the passwords to the owner-only ``out/inbox_users.tsv``."""
+    from federation.node.accounts import add_user_to_database
+    from federation.settings import NodeSettings, load_settings
+
+    lines = ["county\tinbox\tusername\tpassword"]
+    for county, party in local.nodes.items():
+        password = secrets.token_urlsafe(12)
+        database = load_settings(NodeSettings, party.config).database
+        add_user_to_database(database, "lead", password, replace=True, actor="demo")
+        lines.append(f"{county}\t{party.url}/inbox\tlead\t{password}")
+    path = out / "inbox_users.tsv"
+    path.unlink(missing_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
 
 
 def _alert_pairs(inbox: dict[str, list[dict[str, Any]]]) -> set[tuple[str, str, str, str]]:

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from federation.errors import ConfigError
@@ -68,6 +68,23 @@ class NodeSettings(_Common):
         key_epoch: Current key epoch of the federation secret.
         batch_size: Records per token batch.
         tokenise_seed: Fixed seed for Bloom-filter bit flips (demos and tests only).
+        inbox_url: The inbox's address as people reach it, for e-mail links (default: the
+            node's own ``/inbox``).
+        inbox_session_idle_minutes: An inbox session ends after this long unused.
+        inbox_session_max_hours: An inbox session ends after this long, however used.
+        inbox_lockout_failures: Failed sign-ins within ``inbox_lockout_minutes`` that lock
+            a name out until they age out.
+        inbox_lockout_minutes: Window over which failed sign-ins count.
+        inbox_secure_cookies: Mark the session cookie Secure (default: when TLS is on; set
+            true behind a TLS-terminating proxy).
+        smtp_host: SMTP server for e-mail notices of new alerts; none are sent if unset.
+        smtp_port: Its port.
+        smtp_starttls: Upgrade the SMTP connection with STARTTLS.
+        smtp_username: SMTP user, if the server wants one (password in
+            ``JIGSAW_NODE_SMTP_PASSWORD`` or ``smtp_password``).
+        notify_from: Sender address of notices.
+        notify_to: Where notices go (a team mailbox); none are sent if empty.
+        notify_interval: Seconds between looks for new alerts to notify.
     """
 
     model_config = SettingsConfigDict(env_prefix="JIGSAW_NODE_", extra="forbid")
@@ -79,6 +96,22 @@ class NodeSettings(_Common):
     publish_interval: float = 0.2
     retry_max_seconds: float = 30.0
     tokenise_seed: int | None = None
+    # --- inbox pages and e-mail notices (federation.node.inbox, federation.node.notify)
+    inbox_url: str | None = None
+    inbox_session_idle_minutes: float = Field(30.0, gt=0)
+    inbox_session_max_hours: float = Field(10.0, gt=0)
+    inbox_lockout_failures: int = Field(5, ge=1)
+    inbox_lockout_minutes: float = Field(15.0, gt=0)
+    inbox_secure_cookies: bool | None = None
+    smtp_host: str | None = None
+    smtp_port: int = Field(25, ge=1, le=65535)
+    smtp_starttls: bool = False
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    notify_from: str = "jigsaw@localhost"
+    notify_to: list[str] = Field(default_factory=list)
+    notify_interval: float = Field(60.0, gt=0)
+    # --- end inbox
 
 
 class MatcherSettings(_Common):

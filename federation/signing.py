@@ -36,7 +36,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -116,9 +116,9 @@ def _check_json_value(obj: Any, where: str) -> None:
     stack: list[tuple[Any, str]] = [(obj, where)]
     while stack:
         value, path = stack.pop()
+        labelled: Iterator[tuple[str | None, Any]]
         if isinstance(value, Mapping):
-            items: Any = value.items()
-            for key, _ in items:
+            for key in value:
                 if not isinstance(key, str):
                     raise ValueError(f"{path}: dict keys must be str, got {type(key).__name__}")
             labelled = ((f"{path}.{key}", item) for key, item in value.items())

@@ -8,6 +8,8 @@ Routes::
     POST /v1/admin/ingest             admin: load an export, queue what changed
     GET  /v1/status                   admin: counts
     GET  /healthz, /readyz            liveness, readiness (no auth)
+    GET  /metrics                     Prometheus metrics: counts and latencies only (no auth)
+    /inbox, POST /v1/admin/users      the safeguarding lead's web inbox (federation.node.inbox)
 
 Two kinds of caller, two kinds of authentication. The matcher signs every message
 (:mod:`federation.signing`); anything that does not verify as the matcher, addressed to this
@@ -24,7 +26,9 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,11 +36,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
+import duckdb
 import httpx
 import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -44,6 +49,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from federation.audit import AuditLog
 from federation.errors import AUTH_REFUSED_MESSAGE, AuthError, ConfigError, StoreError
 from federation.keys import load_secret
+from federation.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from federation.metrics import LATENCY_BUCKETS, Exposition
+from federation.node.inbox import mount_inbox, start_inbox, stop_inbox
 from federation.node.ingest import ingest_file
 from federation.node.publisher import Publisher, load_identity
 from federation.node.store import NodeStore
@@ -168,9 +176,11 @@ def create_app(settings: NodeSettings, *, client: httpx.Client | None = None) ->
         node.publisher.wake()  # anything left pending by the last run
         logger.info("node %s ready", settings.node_id)
         try:
+            start_inbox(app, node)  # inbox accounts and e-mail notices (federation.node.inbox)
             yield
         finally:
             app.state.node = None
+            stop_inbox(app)
             node.publisher.stop()
             node.store.close()
             if own_client:
@@ -201,6 +211,7 @@ def create_app(settings: NodeSettings, *, client: httpx.Client | None = None) ->
         return JSONResponse({"detail": "the node's store is unavailable"}, status_code=503)
 
     _routes(app)
+    mount_inbox(app, admin=_admin)  # the safeguarding lead's web inbox and POST /v1/admin/users
     return app
 
 
@@ -263,6 +274,10 @@ def _routes(app: FastAPI) -> None:
         if node is None or not node.store.is_open:
             return JSONResponse({"status": "not ready"}, status_code=503)
         return JSONResponse({"status": "ready", "node_id": node.settings.node_id})
+
+    @app.get("/metrics")
+    def metrics(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(_metrics_text(_node(request)), media_type=METRICS_CONTENT_TYPE)
 
     @app.post("/v1/alerts")
     async def receive_alert(request: Request) -> JSONResponse:
@@ -476,6 +491,99 @@ def _iso(seconds: float) -> str:
 
 def _is_hex(text: str) -> bool:
     return 8 <= len(text) <= 64 and all(c in "0123456789abcdef" for c in text)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _metrics_text(node: NodeContext) -> str:
+    """The node's Prometheus metrics, all read from its store (so they survive restarts)."""
+    status = node.store.status()
+    buckets = ", ".join(
+        f"count(*) FILTER (WHERE acked_at - created_at <= {b!r})" for b in LATENCY_BUCKETS
+    )
+    with node.store.lock:
+        if not node.store.is_open:
+            raise StoreError("cannot read metrics: the node store is closed")
+        conn = node.store.conn
+        try:
+            lanes = conn.execute(
+                "SELECT kind, count(*) FILTER (WHERE status = 'pending'), "
+                "count(*) FILTER (WHERE status = 'acked'), coalesce(sum(attempts), 0) "
+                "FROM outbox GROUP BY kind ORDER BY kind"
+            ).fetchall()
+            latency = conn.execute(
+                f"SELECT {buckets}, count(*), coalesce(sum(acked_at - created_at), 0) "
+                "FROM outbox WHERE status = 'acked'"
+            ).fetchone()
+            received = conn.execute(
+                "SELECT count(*) FILTER (WHERE event IN ('alert.stored', 'alert.withdrawn')) "
+                "+ coalesce(sum(CAST(json_extract(details, '$.stored') AS BIGINT)) "
+                "FILTER (WHERE event = 'alerts.received'), 0), "
+                "count(*) FILTER (WHERE event = 'alert.duplicate') "
+                "+ coalesce(sum(CAST(json_extract(details, '$.duplicates') AS BIGINT)) "
+                "FILTER (WHERE event = 'alerts.received'), 0) FROM audit_log"
+            ).fetchone()
+            quarantined = conn.execute("SELECT count(*) FROM quarantine").fetchone()
+        except duckdb.Error as e:
+            raise StoreError("cannot read metrics") from e
+    assert latency is not None and received is not None and quarantined is not None
+    by_kind = {kind: (0, 0, 0) for kind in ("feedback", "token_batch")}
+    by_kind.update({kind: (int(p), int(a), int(f)) for kind, p, a, f in lanes})
+    oldest = status["outbox"]["oldest_pending_at"]
+    out = Exposition()
+    out.gauge(
+        "jigsaw_node_records",
+        "Records held, active or withdrawn from the county's export.",
+        [({"state": k}, v) for k, v in status["records"].items()],
+    )
+    out.gauge(
+        "jigsaw_node_outbox_pending",
+        "Messages waiting for the matcher's acknowledgement.",
+        [({"kind": kind}, pending) for kind, (pending, _, _) in by_kind.items()],
+    )
+    out.gauge(
+        "jigsaw_node_outbox_oldest_pending_seconds",
+        "Age of the oldest message waiting for the matcher.",
+        0.0 if oldest is None else max(0.0, time.time() - oldest),
+    )
+    out.counter(
+        "jigsaw_node_published_total",
+        "Messages the matcher acknowledged.",
+        [({"kind": kind}, acked) for kind, (_, acked, _) in by_kind.items()],
+    )
+    out.counter(
+        "jigsaw_node_publish_failures_total",
+        "Failed attempts to send a message (each retried later).",
+        [({"kind": kind}, failures) for kind, (_, _, failures) in by_kind.items()],
+    )
+    out.histogram(
+        "jigsaw_node_publish_latency_seconds",
+        "Time from a message being queued to the matcher acknowledging it.",
+        [
+            *zip(LATENCY_BUCKETS, latency[: len(LATENCY_BUCKETS)], strict=True),
+            (math.inf, latency[-2]),
+        ],
+        float(latency[-1]),
+    )
+    out.counter(
+        "jigsaw_node_alert_messages_total",
+        "Alert and withdrawal messages received from the matcher, new or already held.",
+        [({"outcome": "stored"}, received[0]), ({"outcome": "duplicate"}, received[1])],
+    )
+    out.gauge(
+        "jigsaw_node_alerts",
+        "Alerts in the inbox.",
+        [({"status": k}, v) for k, v in status["alerts"].items()],
+    )
+    out.counter("jigsaw_node_quarantined_rows_total", "Export rows quarantined.", quarantined[0])
+    last = status["last_load"]
+    out.gauge(
+        "jigsaw_node_last_load_timestamp_seconds",
+        "When the last export load finished (0: never).",
+        0.0 if last is None else float(last["finished_at"]),
+    )
+    return out.render()
 
 
 # --------------------------------------------------------------------------- body limit
