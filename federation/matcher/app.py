@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 
@@ -31,7 +31,10 @@ from federation.errors import AuthError, FederationError
 from federation.keys import load_private_key
 from federation.matcher.index import LinkIndex
 from federation.matcher.store import MatcherStore
+from federation.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from federation.metrics import Exposition, Histogram
 from federation.protocol import MAX_ALERT_BATCH, Ack, FeedbackBody, TokenBatch
+from federation.ratelimit import RateLimited, SenderRateLimiter
 from federation.registry import MATCHER_ID, Registry
 from federation.settings import MatcherSettings
 from federation.signing import DuckDBNonceStore, require_sender_is, sign, verify
@@ -48,11 +51,18 @@ REFUSED = {"detail": "request refused"}
 @dataclass
 class _Metrics:
     batches: int = 0
+    duplicate_batches: int = 0
     records: int = 0
+    feedback: int = 0
+    duplicate_feedback: int = 0
     alerts_sent: int = 0
     delivery_failures: int = 0
     score_rounds: int = 0
-    alert_latencies: list[float] = field(default_factory=list)
+    # Seconds: verify and store a token batch; one scoring round; an alert message from
+    # queued to acknowledged by its county.
+    batch_seconds: Histogram = field(default_factory=Histogram)
+    score_seconds: Histogram = field(default_factory=Histogram)
+    delivery_seconds: Histogram = field(default_factory=Histogram)
 
 
 class Matcher:
@@ -71,9 +81,18 @@ class Matcher:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = MatcherStore(settings.database, self.spec, mw_columns=mw)
         self.nonces = DuckDBNonceStore(self.store.conn, lock=self.store.lock)
-        self.index = LinkIndex(self.store, self.registry, model=model, threshold=settings.threshold)
+        self.index = LinkIndex(
+            self.store,
+            self.registry,
+            model=model,
+            threshold=settings.threshold,
+            engine=settings.engine,  # the full link's engine (issue 8)
+            spark_master=settings.spark_master,
+        )
         self.client = client or httpx.Client(timeout=httpx.Timeout(10.0, connect=2.0))
         self.metrics = _Metrics()
+        # Per authenticated sender, checked right after a message verifies (issue 4).
+        self.limiter = SenderRateLimiter(per_minute=settings.requests_per_minute)
         self.work_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake_scorer = threading.Event()
@@ -96,6 +115,7 @@ class Matcher:
         self._wake_deliverer.set()
         for thread in self._threads:
             thread.join(timeout)
+        self.index.close()  # stops the full link's Spark session, if any (issue 8)
         self.store.close()
 
     # -------------------------------------------------------------- scorer
@@ -127,6 +147,7 @@ class Matcher:
             report = self.index.score_pending()
             if report.records:
                 self.metrics.score_rounds += 1
+                self.metrics.score_seconds.observe(report.seconds)
                 logger.info(
                     "scored %d records: %d pairs, %d alert messages, %.3f s",
                     report.records,
@@ -166,24 +187,26 @@ class Matcher:
         now = time.time()
         with self.store.lock:
             due = self.store.conn.execute(
-                "SELECT county, alert_id, version, state, body, attempts FROM ("
+                "SELECT county, alert_id, version, state, body, attempts, updated_at FROM ("
                 "  SELECT *, row_number() OVER (PARTITION BY county ORDER BY updated_at) AS n"
                 "  FROM alerts WHERE (delivered_version IS NULL OR delivered_version < version)"
                 "  AND next_attempt_at <= ?) WHERE n <= ? ORDER BY county, updated_at",
                 [now, limit],
             ).fetchall()
-        by_county: dict[str, list[tuple[str, int, str, str, int]]] = {}
-        for county, alert_id, version, state, body, attempts in due:
-            by_county.setdefault(county, []).append((alert_id, version, state, body, attempts))
+        by_county: dict[str, list[tuple[str, int, str, str, int, float]]] = {}
+        for county, alert_id, version, state, body, attempts, queued_at in due:
+            by_county.setdefault(county, []).append(
+                (alert_id, version, state, body, attempts, queued_at)
+            )
         if not by_county:
             return 0
         with ThreadPoolExecutor(max_workers=min(8, len(by_county))) as pool:
             results = list(pool.map(lambda item: self._deliver(*item), by_county.items()))
         return sum(results)
 
-    def _deliver(self, county: str, rows: list[tuple[str, int, str, str, int]]) -> int:
-        alerts = [json.loads(body) for _, _, state, body, _ in rows if state != "withdrawn"]
-        withdrawals = [json.loads(body) for _, _, state, body, _ in rows if state == "withdrawn"]
+    def _deliver(self, county: str, rows: list[tuple[str, int, str, str, int, float]]) -> int:
+        alerts = [json.loads(body) for _, _, state, body, _, _ in rows if state != "withdrawn"]
+        withdrawals = [json.loads(body) for _, _, state, body, _, _ in rows if state == "withdrawn"]
         batch = {
             "schema": "alert_batch/1",
             "batch_id": secrets.token_hex(16),
@@ -192,8 +215,13 @@ class Matcher:
             "withdrawals": withdrawals,
         }
         ok = self._send_batch(county, batch)
+        # One retry time for the whole batch: jittered per alert, a county's queue would come
+        # back due a few alerts at a time and go out in many small batches.
+        attempts = max(row[4] for row in rows)
+        delay = min(self.settings.retry_max_seconds, 0.25 * 2 ** min(attempts, 10))
+        retry_at = time.time() + delay * random.uniform(0.8, 1.2)
         with self.store.transaction() as conn:
-            for alert_id, version, _, _, attempts in rows:
+            for alert_id, version, _, _, _, _ in rows:
                 if ok:
                     # Only the version sent counts as delivered; a newer one stays due.
                     conn.execute(
@@ -202,14 +230,16 @@ class Matcher:
                         [version, alert_id, version],
                     )
                 else:
-                    delay = min(self.settings.retry_max_seconds, 0.25 * 2 ** min(attempts, 10))
                     conn.execute(
                         "UPDATE alerts SET attempts = attempts + 1, next_attempt_at = ? "
                         "WHERE alert_id = ?",
-                        [time.time() + delay * random.uniform(0.8, 1.2), alert_id],
+                        [retry_at, alert_id],
                     )
         if ok:
             self.metrics.alerts_sent += len(rows)
+            acked_at = time.time()
+            for *_, queued_at in rows:
+                self.metrics.delivery_seconds.observe(acked_at - queued_at)
             return len(rows)
         self.metrics.delivery_failures += 1
         return 0
@@ -264,6 +294,7 @@ class Matcher:
 
     def receive_batch(self, envelope: Any) -> dict[str, Any]:
         """Verify, validate and store a token batch; returns the signed ack."""
+        started = time.perf_counter()
         message = verify(
             envelope,
             expected_kind="token_batch",
@@ -271,6 +302,7 @@ class Matcher:
             public_keys=self.registry.public_keys(),
             nonces=self.nonces,
         )
+        self.limiter.check(message.sender)  # issue 4: raises RateLimited (429)
         if message.sender == MATCHER_ID:
             raise AuthError("the matcher does not publish tokens")
         require_sender_is(message, message.sender)
@@ -288,6 +320,9 @@ class Matcher:
             self.metrics.batches += 1
             self.metrics.records += count
             self._wake_scorer.set()
+        else:
+            self.metrics.duplicate_batches += 1
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
         return self.ack(message.sender, batch.batch_id, stored, count)
 
     def receive_feedback(self, envelope: Any) -> dict[str, Any]:
@@ -299,6 +334,7 @@ class Matcher:
             public_keys=self.registry.public_keys(),
             nonces=self.nonces,
         )
+        self.limiter.check(message.sender)  # issue 4: raises RateLimited (429)
         require_sender_is(message, message.sender)
         feedback = FeedbackBody.model_validate(message.body)
         alert = self.store.alert_body(feedback.alert_id)
@@ -307,7 +343,15 @@ class Matcher:
         stored = self.store.record_label(
             feedback.feedback_id, feedback.alert_id, feedback.county, feedback.decision
         )
-        if stored and self.index.model is not None:
+        if stored:
+            self.metrics.feedback += 1
+        else:
+            self.metrics.duplicate_feedback += 1
+        # A duplicate refreshes too (a no-op when nothing changed): the label and the alert
+        # updates it implies are committed apart, and a sender resends exactly when a crash
+        # came between them and its ack.
+        # A withdrawn alert's body is its withdrawal, which names no cluster.
+        if self.index.model is not None and alert.get("cluster_id") is not None:
             with self.work_lock:
                 cluster = self.store.query(
                     "SELECT county, pseudonym FROM clusters WHERE cluster_id = ?",
@@ -347,12 +391,18 @@ def create_app(settings: MatcherSettings, *, client: httpx.Client | None = None)
         length = int(request.headers.get("content-length") or 0)
         if length > settings.max_request_bytes:
             raise _TooLarge()
-        raw = await request.body()
-        if len(raw) > settings.max_request_bytes:
-            raise _TooLarge()
+        # Counted as it arrives (issue 4): a chunked body has no Content-Length to check, and
+        # buffering all of it first would let one request fill the memory.
+        chunks: list[bytes] = []
+        received = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > settings.max_request_bytes:
+                raise _TooLarge()
+            chunks.append(chunk)
         try:
-            return json.loads(raw)
-        except ValueError as e:
+            return json.loads(b"".join(chunks))
+        except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
             raise AuthError("body is not JSON") from e
 
     def require_admin(request: Request) -> None:
@@ -365,6 +415,15 @@ def create_app(settings: MatcherSettings, *, client: httpx.Client | None = None)
     async def _auth(_: Request, exc: AuthError) -> JSONResponse:
         logger.info("refused a request: %s", exc.reason)
         return JSONResponse(REFUSED, status_code=401)
+
+    @app.exception_handler(RateLimited)
+    async def _limited(_: Request, exc: RateLimited) -> JSONResponse:
+        # Only ever sent to an authenticated sender (issue 4); the publisher honours it.
+        return JSONResponse(
+            {"detail": "too many requests"},
+            status_code=429,
+            headers={"Retry-After": exc.retry_after_header},
+        )
 
     @app.exception_handler(_TooLarge)
     async def _large(_: Request, __: _TooLarge) -> JSONResponse:
@@ -398,18 +457,20 @@ def create_app(settings: MatcherSettings, *, client: httpx.Client | None = None)
         ack = await anyio.to_thread.run_sync(matcher.receive_feedback, envelope)
         return JSONResponse(ack)
 
-    @app.post("/v1/admin/relink")
+    # Admin routes check the token as a dependency (issue 4): FastAPI resolves it before it
+    # validates query parameters, so a caller without the token gets 401, never a 422.
+    admin_only = [Depends(require_admin)]
+
+    @app.post("/v1/admin/relink", dependencies=admin_only)
     async def relink(request: Request, retrain: bool = False) -> JSONResponse:
-        require_admin(request)
         import anyio
 
         matcher = matcher_of(request)
         summary = await anyio.to_thread.run_sync(lambda: matcher.relink(retrain=retrain))
         return JSONResponse(summary)
 
-    @app.get("/v1/admin/status")
+    @app.get("/v1/admin/status", dependencies=admin_only)
     async def status(request: Request) -> JSONResponse:
-        require_admin(request)
         matcher = matcher_of(request)
         counts = matcher.store.counts()
         model = matcher.index.model
@@ -426,9 +487,8 @@ def create_app(settings: MatcherSettings, *, client: httpx.Client | None = None)
         }
         return JSONResponse(counts)
 
-    @app.get("/v1/admin/labels")
+    @app.get("/v1/admin/labels", dependencies=admin_only)
     async def labels(request: Request) -> JSONResponse:
-        require_admin(request)
         frame = matcher_of(request).store.query(
             "SELECT county, decision, count(*) AS n FROM labels GROUP BY 1, 2 ORDER BY 1, 2"
         )
@@ -445,28 +505,103 @@ def create_app(settings: MatcherSettings, *, client: httpx.Client | None = None)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> PlainTextResponse:
-        matcher = matcher_of(request)
-        counts = matcher.store.counts()
-        m = matcher.metrics
-        lines = [
-            f"jigsaw_matcher_tokens {counts['tokens']}",
-            f"jigsaw_matcher_pending_records {counts['pending']}",
-            f"jigsaw_matcher_pairs {counts['pairs']}",
-            f"jigsaw_matcher_alerts_pending {counts['alerts_pending']}",
-            f"jigsaw_matcher_alerts_delivered {counts['alerts_delivered']}",
-            f"jigsaw_matcher_batches_total {m.batches}",
-            f"jigsaw_matcher_records_total {m.records}",
-            f"jigsaw_matcher_alerts_sent_total {m.alerts_sent}",
-            f"jigsaw_matcher_delivery_failures_total {m.delivery_failures}",
-            f"jigsaw_matcher_score_rounds_total {m.score_rounds}",
-        ]
-        return PlainTextResponse("\n".join(lines) + "\n")
+        import anyio
+
+        text = await anyio.to_thread.run_sync(_metrics_text, matcher_of(request))
+        return PlainTextResponse(text, media_type=METRICS_CONTENT_TYPE)
 
     return app
 
 
 class _TooLarge(FederationError):
     """A request body over the configured limit."""
+
+
+def _metrics_text(matcher: Matcher) -> str:
+    """The matcher's Prometheus metrics: queues, totals since start, latencies."""
+    counts = matcher.store.counts()
+    with matcher.store.lock:
+        waiting = matcher.store.conn.execute(
+            "SELECT county, count(*), min(updated_at), max(attempts) FROM alerts "
+            "WHERE delivered_version IS NULL OR delivered_version < version GROUP BY 1"
+        ).fetchall()
+        oldest_record = matcher.store.conn.execute("SELECT min(queued_at) FROM pending").fetchone()
+    now = time.time()
+    m = matcher.metrics
+    out = Exposition()
+    out.gauge("jigsaw_matcher_tokens", "Records indexed (tokens held).", counts["tokens"])
+    out.gauge(
+        "jigsaw_matcher_county_tokens",
+        "Records indexed, by county.",
+        [({"county": c}, n) for c, n in counts["counties"].items()],
+    )
+    out.gauge("jigsaw_matcher_pending_records", "Records waiting to be scored.", counts["pending"])
+    out.gauge(
+        "jigsaw_matcher_pending_oldest_seconds",
+        "Age of the oldest record waiting to be scored.",
+        now - oldest_record[0] if oldest_record and oldest_record[0] is not None else 0.0,
+    )
+    out.gauge("jigsaw_matcher_pairs", "Linked pairs above the alert threshold.", counts["pairs"])
+    out.gauge(
+        "jigsaw_matcher_alerts_pending",
+        "Alert messages queued for delivery.",
+        counts["alerts_pending"],
+    )
+    out.gauge(
+        "jigsaw_matcher_county_alerts_pending",
+        "Alert messages queued for delivery, by county.",
+        [({"county": c}, n) for c, n, _, _ in waiting],
+    )
+    out.gauge(
+        "jigsaw_matcher_county_alerts_oldest_seconds",
+        "Age of the oldest alert message queued for a county.",
+        [({"county": c}, now - oldest) for c, _, oldest, _ in waiting],
+    )
+    out.gauge(
+        "jigsaw_matcher_county_delivery_attempts",
+        "Failed delivery attempts of the most-retried alert queued for a county.",
+        [({"county": c}, attempts) for c, _, _, attempts in waiting],
+    )
+    out.gauge(
+        "jigsaw_matcher_alerts_delivered",
+        "Alert messages delivered.",
+        counts["alerts_delivered"],
+    )
+    out.gauge(
+        "jigsaw_matcher_model_loaded", "1 once a model is trained.", int(bool(matcher.index.model))
+    )
+    out.counter("jigsaw_matcher_batches_total", "Token batches stored.", m.batches)
+    out.counter(
+        "jigsaw_matcher_duplicate_batches_total",
+        "Token batches received again and acknowledged as duplicates.",
+        m.duplicate_batches,
+    )
+    out.counter("jigsaw_matcher_records_total", "Upserts and tombstones stored.", m.records)
+    out.counter("jigsaw_matcher_feedback_total", "Feedback messages stored.", m.feedback)
+    out.counter(
+        "jigsaw_matcher_duplicate_feedback_total",
+        "Feedback messages received again and acknowledged as duplicates.",
+        m.duplicate_feedback,
+    )
+    out.counter("jigsaw_matcher_alerts_sent_total", "Alert messages acknowledged.", m.alerts_sent)
+    out.counter(
+        "jigsaw_matcher_delivery_failures_total",
+        "Alert batches not acknowledged (retried later).",
+        m.delivery_failures,
+    )
+    out.counter(
+        "jigsaw_matcher_score_rounds_total", "Scoring rounds that scored records.", m.score_rounds
+    )
+    out.observed(
+        "jigsaw_matcher_batch_seconds", "Time to verify and store a token batch.", m.batch_seconds
+    )
+    out.observed("jigsaw_matcher_score_round_seconds", "Time of a scoring round.", m.score_seconds)
+    out.observed(
+        "jigsaw_matcher_alert_delivery_seconds",
+        "Time from an alert message being queued to its county acknowledging it.",
+        m.delivery_seconds,
+    )
+    return out.render()
 
 
 def run(settings: MatcherSettings) -> None:
