@@ -6,9 +6,15 @@ rest of the code never touches a backend directly and a model JSON runs unchange
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
+import re
+import shutil
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import duckdb
@@ -29,6 +35,8 @@ logging.getLogger("splink").setLevel(logging.WARNING)
 
 #: Bin width (in match-weight units) of the histogram used to calibrate a model.
 _HISTOGRAM_BIN = 0.05
+#: Spark master of a session the engine starts itself (issue 8).
+DEFAULT_SPARK_MASTER = "local[2]"
 
 
 def _logit2(p: float) -> float:
@@ -41,26 +49,92 @@ class SplinkEngine:
     Args:
         engine: ``"duckdb"`` (embedded, the default) or ``"spark"``.
         connection: An existing DuckDB connection (the matcher passes its store's), or a
-            SparkSession for ``"spark"``; a fresh in-memory DuckDB if omitted.
+            SparkSession for ``"spark"``; a fresh in-memory DuckDB, or a Spark session made
+            by :func:`spark_session`, if omitted.
+        spark_master: Master URL of the session made when none is given (``local[2]``,
+            ``spark://host:7077``, ``yarn``, ...).
+        spark_conf: Extra Spark settings for that session (they override the defaults).
+
+    Raises:
+        ModelError: An unknown engine, or Spark could not start (pyspark or Java missing).
     """
 
-    def __init__(self, engine: Engine = "duckdb", *, connection: Any = None) -> None:
+    def __init__(
+        self,
+        engine: Engine = "duckdb",
+        *,
+        connection: Any = None,
+        spark_master: str = DEFAULT_SPARK_MASTER,
+        spark_conf: Mapping[str, str] | None = None,
+    ) -> None:
         self.engine = engine
+        self._scratch: Path | None = None
+        self._owns_session = False
         if engine == "duckdb":
             from splink import DuckDBAPI
 
             self.connection: Any = connection or duckdb.connect()
             self.db_api: Any = DuckDBAPI(connection=self.connection)
         elif engine == "spark":
-            from splink import SparkAPI
-
-            if connection is None:
-                raise ModelError("the spark engine needs a SparkSession")
-            self.connection = connection
-            self.db_api = SparkAPI(spark_session=connection)
+            try:
+                from pyspark.sql import SparkSession
+                from splink.backends.spark import SparkAPI
+            except ImportError as e:
+                raise ModelError(
+                    "the spark engine needs pyspark: pip install 'jigsaw-linkage[spark]'"
+                ) from e
+            if connection is None and SparkSession.getActiveSession() is None:
+                self._scratch = Path(tempfile.mkdtemp(prefix="jigsaw-spark-"))
+                self._owns_session = True
+                connection = spark_session(spark_master, scratch=self._scratch, conf=spark_conf)
+            self.connection = connection or SparkSession.getActiveSession()
+            # Splink writes intermediate tables as parquet under the checkpoint folder.
+            if self.connection.sparkContext.getCheckpointDir() is None:
+                self._scratch = self._scratch or Path(tempfile.mkdtemp(prefix="jigsaw-spark-"))
+                self.connection.sparkContext.setCheckpointDir(str(self._scratch / "checkpoints"))
+            # Our comparisons use built-in SQL only; Splink's similarity UDF jar is registered
+            # only when the session was started with it on spark.jars.
+            jars = self.connection.conf.get("spark.jars", "") or ""
+            local = str(self.connection.sparkContext.master).startswith("local")
+            self.db_api = SparkAPI(
+                spark_session=self.connection,
+                register_udfs_automatically="splink" in jars.lower(),
+                # Splink materialises each step: in memory (spilling to disk) on one machine;
+                # as parquet under the checkpoint folder on a cluster, so that a lost
+                # executor does not recompute the whole lineage.
+                break_lineage_method="persist" if local else "parquet",
+            )
         else:
             raise ModelError(f"unknown engine {engine!r}; use 'duckdb' or 'spark'")
         self._generation = 0
+
+    def close(self) -> None:
+        """Stop the Spark session this engine started, and remove its scratch folder.
+
+        A DuckDB connection or Spark session passed in is left open for its owner.
+        """
+        if self._owns_session:
+            self.connection.stop()
+            self._owns_session = False
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    def release(self) -> None:
+        """Drop the tables Splink and :meth:`register` made in a Spark session (and their
+        cached data); a long-lived matcher calls this after each full link. No-op on DuckDB,
+        whose in-memory tables go with their connection."""
+        if self.engine != "spark":
+            return
+        for table in self.connection.catalog.listTables():
+            if table.isTemporary and table.name.startswith(("__splink__", "tokens_")):
+                self.connection.catalog.dropTempView(table.name)
+
+    def __enter__(self) -> SplinkEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def register(self, tables: Mapping[str, Any]) -> dict[str, Any]:
         """Register county token tables, each under its county id (once per engine).
@@ -76,9 +150,11 @@ class SplinkEngine:
             if not isinstance(table, pa.Table):
                 table = pa.Table.from_pandas(table, preserve_index=False)
             self._generation += 1
+            # A county id may hold "-", which Spark SQL would read as a minus.
+            safe = re.sub(r"[^0-9a-z_]", "_", county.lower())
             registered[county] = self.db_api.register(
                 table,
-                table_name=f"tokens_{self._generation}_{county}",
+                table_name=f"tokens_{self._generation}_{safe}",
                 dataset_display_name=county,
             )
         return registered
@@ -94,7 +170,16 @@ class SplinkEngine:
         """A Splink linker over registered county token tables (see :meth:`register`)."""
         from splink import Linker
 
-        return Linker(list(registered.values()), settings, log_level=logging.WARNING)
+        linker = Linker(list(registered.values()), settings, log_level=logging.WARNING)
+        if self.engine == "spark":
+            # Splink samples u in up to eleven chunks per comparison, one Spark job each, to
+            # bound memory; on Spark the jobs' fixed cost (about a second each) then outweighs
+            # the work, and a sample of a few million pairs fits any executor: one chunk.
+            training = linker.training
+            training.estimate_u_using_random_sampling = functools.partial(  # type: ignore[method-assign]
+                training.estimate_u_using_random_sampling, num_chunks=1
+            )
+        return linker
 
     def predict(
         self, model: LinkageModel, registered: Mapping[str, Any], *, min_bayes_log2: float = 0.0
@@ -163,4 +248,115 @@ class SplinkEngine:
     def _query(self, sql: str) -> pd.DataFrame:
         if self.engine == "duckdb":
             return self.connection.execute(sql).df()
-        return self.connection.sql(sql).toPandas()
+        # Arrow, not toPandas(): no row-by-row conversion, and nullable integers stay integers.
+        frame: pd.DataFrame = self.connection.sql(sql).toArrow().to_pandas()
+        return frame
+
+
+# ---------------------------------------------------------------------------- Spark (issue 8)
+
+
+def _driver_memory() -> str:
+    """A third of this machine's memory for a local driver (8g on 24 GiB), 1g to 16g."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return "4g"
+    return f"{max(1, min(16, int(total / 3 / 2**30)))}g"
+
+
+def _spark_defaults_keys() -> set[str]:
+    """Keys set in ``$SPARK_CONF_DIR/spark-defaults.conf`` (read by spark-submit itself)."""
+    folder = os.environ.get("SPARK_CONF_DIR")
+    if not folder:
+        return set()
+    try:
+        lines = (Path(folder) / "spark-defaults.conf").read_text().splitlines()
+    except OSError:
+        return set()
+    return {ln.split()[0] for ln in lines if ln.strip() and not ln.lstrip().startswith("#")}
+
+
+def spark_session(
+    master: str = DEFAULT_SPARK_MASTER,
+    *,
+    scratch: Path,
+    conf: Mapping[str, str] | None = None,
+) -> Any:
+    """Start (or join) a SparkSession for the matcher.
+
+    Local masters get a driver that holds a third of the machine's memory, a few shuffle
+    partitions (adaptive execution merges small ones), no UI, loopback only and error-only
+    logs; spilled data and Splink's checkpoints go under ``scratch``. A setting in Spark's own
+    ``spark-defaults.conf`` (under ``$SPARK_CONF_DIR``) wins over these defaults, and one in
+    ``conf`` wins over both (for a cluster: executor memory and cores, shuffle partitions,
+    ``spark.checkpoint.dir`` on shared storage).
+
+    Args:
+        master: Master URL.
+        scratch: A private folder for spills, the warehouse and checkpoints.
+        conf: Extra or overriding Spark settings.
+
+    Raises:
+        ModelError: pyspark is not installed or the JVM did not start (no Java).
+    """
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError as e:
+        raise ModelError(
+            "the spark engine needs pyspark: pip install 'jigsaw-linkage[spark]'"
+        ) from e
+    scratch.mkdir(parents=True, exist_ok=True)
+    log4j = scratch / "log4j2.properties"
+    # Errors only; the REPL logger too, or Spark resets the root level to WARN and says so.
+    log4j.write_text(
+        "rootLogger.level = error\nrootLogger.appenderRef.stderr.ref = console\n"
+        "logger.repl.name = org.apache.spark.repl.Main\nlogger.repl.level = error\n"
+        "appender.console.type = Console\nappender.console.name = console\n"
+        "appender.console.target = SYSTEM_ERR\nappender.console.layout.type = PatternLayout\n"
+        "appender.console.layout.pattern = %d{HH:mm:ss} %p %c{1}: %m%n\n"
+    )
+    local = master.startswith("local")
+    settings: dict[str, str] = {
+        "spark.app.name": "jigsaw-matcher",
+        "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.sql.adaptive.enabled": "true",
+        "spark.sql.adaptive.coalescePartitions.enabled": "true",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.execution.arrow.pyspark.fallback.enabled": "false",
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.warehouse.dir": str(scratch / "warehouse"),
+        "spark.local.dir": str(scratch / "local"),
+    }
+    java_options = f"-Dlog4j2.configurationFile=file:{log4j}"
+    if local:
+        settings.update(
+            {
+                "spark.driver.memory": _driver_memory(),
+                "spark.driver.host": "127.0.0.1",
+                "spark.driver.bindAddress": "127.0.0.1",
+                "spark.sql.shuffle.partitions": "8",
+                "spark.default.parallelism": "4",
+            }
+        )
+    for key in _spark_defaults_keys():
+        settings.pop(key, None)
+    settings.update(conf or {})
+    extra = settings.get("spark.driver.extraJavaOptions", "")
+    settings["spark.driver.extraJavaOptions"] = f"{java_options} {extra}".strip()
+    # The driver binds to loopback only; say so before the JVM starts, so it does not look
+    # its own host name up on the network.
+    if local:
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    builder = SparkSession.builder.master(master)
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    try:
+        session = builder.getOrCreate()
+    except Exception as e:  # py4j and the launcher raise bare Exceptions (no Java, say)
+        raise ModelError(f"cannot start Spark ({master}): {e}") from e
+    session.sparkContext.setLogLevel("ERROR")
+    if session.sparkContext.getCheckpointDir() is None:
+        session.sparkContext.setCheckpointDir(str(scratch / "checkpoints"))
+    return session

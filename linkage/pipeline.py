@@ -222,6 +222,7 @@ def match_tokens(
             candidate_pairs = engine.count_predictions(predictions)
     with stages("select"):
         pairs = engine.select_pairs(predictions, model, calibrated)
+        engine.release()  # a Spark session's cached tables (issue 8); no-op on DuckDB
     with stages("cluster"):
         # Clustered on the row numbers, whose order follows the tokens, so that ties between
         # equal scores break the same way whatever the random pseudonyms are.

@@ -173,6 +173,8 @@ class ColumnMapping:
             raise MappingError(f"column mapping {path} is not UTF-8 text") from e
         except tomllib.TOMLDecodeError as e:
             raise MappingError(f"column mapping {path} is not valid TOML: {e}") from e
+        except ValueError as e:  # a file name the OS cannot take (a NUL byte, say)
+            raise MappingError(f"cannot read column mapping {path}: not a valid file name") from e
 
         problems: list[str] = []
         version = data.get("version")
@@ -528,7 +530,11 @@ def read_county_file(path: Path, *, mapping: ColumnMapping | None = None) -> pd.
             f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
             "county files must be .csv or .parquet"
         )
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except (OSError, ValueError):  # a name too long, a NUL byte: no such file either
+        found = False
+    if not found:
         raise InputError(f"{path}: county file not found")
 
     if suffix == ".csv":
@@ -634,10 +640,12 @@ def _read_csv_fast(path: Path) -> _Table | None:
         return None
     recoded: list[tuple[int, int]] = []
     try:
-        header = next(csv.reader([first.decode("utf-8").rstrip("\r\n")]))
-    except UnicodeDecodeError:
-        latin = next(csv.reader([first.decode("latin-1").rstrip("\r\n")]))
-        header = [_recode(cell, 0, i, recoded) for i, cell in enumerate(latin)]
+        try:
+            header = next(csv.reader([first.decode("utf-8").rstrip("\r\n")]))
+        except UnicodeDecodeError:
+            # (A csv.Error here, from a stray carriage return, must be caught too.)
+            latin = next(csv.reader([first.decode("latin-1").rstrip("\r\n")]))
+            header = [_recode(cell, 0, i, recoded) for i, cell in enumerate(latin)]
     except (csv.Error, StopIteration):
         return None
 
@@ -724,6 +732,9 @@ def _read_csv_slow(path: Path) -> _Table:
         text, mixed = raw.decode("utf-8"), False
     except UnicodeDecodeError:
         text, mixed = raw.decode("latin-1"), True
+    # The csv module refuses fields over 128 KiB by default; the fast reader takes them (a
+    # row's over-long values are then dropped with a warning), so this one must too.
+    csv.field_size_limit(max(csv.field_size_limit(), _CSV_BLOCK_SIZE))
     reader = csv.reader(io.StringIO(text, newline=""))
     recoded: list[tuple[int, int]] = []
     malformed: list[tuple[int, int]] = []
