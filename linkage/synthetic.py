@@ -33,6 +33,8 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from linkage.records import CANONICAL_COLUMNS
+
 __all__ = [
     "DEFAULT_COUNTIES",
     "SyntheticFederation",
@@ -45,20 +47,8 @@ _IntArray = npt.NDArray[np.int64]
 _BoolArray = npt.NDArray[np.bool_]
 _ObjArray = npt.NDArray[np.object_]
 
-_COLUMNS: tuple[str, ...] = (
-    "record_id",
-    "household_id",
-    "role",
-    "given_name",
-    "middle_names",
-    "family_name",
-    "previous_family_names",
-    "date_of_birth",
-    "sex",
-    "nhs_number",
-    "postcode",
-    "address",
-)
+# The canonical county record, in the order of DESIGN.md's contract.
+_COLUMNS: tuple[str, ...] = CANONICAL_COLUMNS
 
 # Ages are computed against a fixed date rather than today so that a seed gives the same data
 # whatever day it runs.

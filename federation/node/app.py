@@ -361,16 +361,7 @@ def _receive_alert(node: NodeContext, raw: bytes) -> JSONResponse:
         event = "alert.withdrawn" if outcome == "stored" else "alert.duplicate"
     node.audit.append(event, MATCHER_ID, {"alert_id": body.alert_id, "version": body.version})
     logger.info("%s %s version %d: %s", kind, body.alert_id, body.version, outcome)
-    # model_validate rather than the constructor: mypy cannot see the aliased defaults.
-    ack = Ack.model_validate({"ref": body.alert_id, "status": outcome})
-    reply = sign(
-        ack.model_dump(by_alias=True),
-        kind="ack",
-        sender=node_id,
-        recipient=MATCHER_ID,
-        private_key=node.private_key,
-    )
-    return JSONResponse(reply)
+    return _signed_ack(node, {"ref": body.alert_id, "status": outcome})
 
 
 def _receive_alert_batch(node: NodeContext, batch: AlertBatch) -> JSONResponse:
@@ -386,13 +377,20 @@ def _receive_alert_batch(node: NodeContext, batch: AlertBatch) -> JSONResponse:
         {"batch_id": batch.batch_id, "stored": stored, "duplicates": duplicates},
     )
     logger.info("alert batch %s: %d stored, %d duplicates", batch.batch_id, stored, duplicates)
-    ack = Ack.model_validate(
-        {"ref": batch.batch_id, "status": "stored" if stored else "duplicate", "count": stored}
+    return _signed_ack(
+        node,
+        {"ref": batch.batch_id, "status": "stored" if stored else "duplicate", "count": stored},
     )
+
+
+def _signed_ack(node: NodeContext, fields: dict[str, Any]) -> JSONResponse:
+    """The node's signed acknowledgement to the matcher."""
+    # model_validate rather than the constructor: mypy cannot see the aliased defaults.
+    ack = Ack.model_validate(fields)
     reply = sign(
         ack.model_dump(by_alias=True),
         kind="ack",
-        sender=node_id,
+        sender=node.settings.node_id,
         recipient=MATCHER_ID,
         private_key=node.private_key,
     )
