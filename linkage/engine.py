@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -83,6 +84,13 @@ class SplinkEngine:
                 raise ModelError(
                     "the spark engine needs pyspark: pip install 'jigsaw-linkage[spark]'"
                 ) from e
+            # PySpark 4.3 warns on every pandas conversion that pandas 3 is not yet fully
+            # supported; the engine hands Spark Arrow tables and reads Arrow back.
+            warnings.filterwarnings(
+                "ignore",
+                message="PySpark does not yet fully support pandas",
+                category=FutureWarning,
+            )
             if connection is None and SparkSession.getActiveSession() is None:
                 self._scratch = Path(tempfile.mkdtemp(prefix="jigsaw-spark-"))
                 self._owns_session = True

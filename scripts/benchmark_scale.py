@@ -167,6 +167,13 @@ def cmd_worker(raw: str) -> None:
     tables = federation_tokens(args.records, args.counties, seed=args.seed, cache=args.work)
     spec = TokenSpec()
     engine = None
+    if args.engine == "duckdb" and args.duckdb_memory:
+        import duckdb
+
+        # A cap below the machine's memory (DuckDB's default is 80% of it): on a shared
+        # machine DuckDB then spills to disk instead of starving its neighbours.
+        config = {"memory_limit": args.duckdb_memory, "temp_directory": str(args.work / "tmp")}
+        engine = SplinkEngine(connection=duckdb.connect(config=config))
     if args.engine == "spark":
         conf = dict(item.split("=", 1) for item in args.spark_conf or [])
         engine = SplinkEngine("spark", spark_master=args.spark_master, spark_conf=conf)
@@ -216,6 +223,7 @@ def main() -> None:
             p.add_argument("--spark-master", default="local[2]")
             p.add_argument("--spark-conf", nargs="*", help="KEY=VALUE Spark settings.")
             p.add_argument("--save-model", help="Write the trained model here.")
+            p.add_argument("--duckdb-memory", help="DuckDB memory_limit, e.g. 12GB.")
     args = parser.parse_args()
     {"counts": cmd_counts, "link": cmd_link}[args.command](args)
 
