@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 import warnings
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -53,11 +54,13 @@ class SplinkEngine:
             SparkSession for ``"spark"``; a fresh in-memory DuckDB, or a Spark session made
             by :func:`spark_session`, if omitted.
         spark_master: Master URL of the session made when none is given (``local[2]``,
-            ``spark://host:7077``, ``yarn``, ...).
+            ``spark://host:7077``, ``yarn``, ...). A session already active in the process
+            is joined instead (and left running by :meth:`close`).
         spark_conf: Extra Spark settings for that session (they override the defaults).
 
     Raises:
-        ModelError: An unknown engine, or Spark could not start (pyspark or Java missing).
+        ModelError: An unknown engine; Spark could not start (pyspark or Java missing); or a
+            cluster session has no ``spark.checkpoint.dir``.
     """
 
     def __init__(
@@ -92,29 +95,41 @@ class SplinkEngine:
                 category=FutureWarning,
             )
             if connection is None and SparkSession.getActiveSession() is None:
-                self._scratch = Path(tempfile.mkdtemp(prefix="jigsaw-spark-"))
+                self._scratch = self._new_scratch()
                 self._owns_session = True
                 connection = spark_session(spark_master, scratch=self._scratch, conf=spark_conf)
             self.connection = connection or SparkSession.getActiveSession()
-            # Splink writes intermediate tables as parquet under the checkpoint folder.
-            if self.connection.sparkContext.getCheckpointDir() is None:
-                self._scratch = self._scratch or Path(tempfile.mkdtemp(prefix="jigsaw-spark-"))
-                self.connection.sparkContext.setCheckpointDir(str(self._scratch / "checkpoints"))
+            # Splink writes intermediate tables as parquet under the checkpoint folder, which
+            # every executor must reach: a private temporary folder on one machine only.
+            context = self.connection.sparkContext
+            if context.getCheckpointDir() is None:
+                if not str(context.master).startswith("local"):
+                    raise ModelError(
+                        "the spark engine on a cluster needs spark.checkpoint.dir on storage "
+                        "every executor reaches (see docs/scaling.md)"
+                    )
+                self._scratch = self._scratch or self._new_scratch()
+                context.setCheckpointDir(str(self._scratch / "checkpoints"))
             # Our comparisons use built-in SQL only; Splink's similarity UDF jar is registered
             # only when the session was started with it on spark.jars.
             jars = self.connection.conf.get("spark.jars", "") or ""
-            local = str(self.connection.sparkContext.master).startswith("local")
             self.db_api = SparkAPI(
                 spark_session=self.connection,
                 register_udfs_automatically="splink" in jars.lower(),
-                # Splink materialises each step: in memory (spilling to disk) on one machine;
-                # as parquet under the checkpoint folder on a cluster, so that a lost
-                # executor does not recompute the whole lineage.
-                break_lineage_method="persist" if local else "parquet",
+                # Splink materialises each step as parquet under the checkpoint folder. (Kept
+                # in memory instead, a million-record link filled a 7 GB local driver with
+                # cached pairs and stalled in garbage collection.)
+                break_lineage_method="parquet",
             )
         else:
             raise ModelError(f"unknown engine {engine!r}; use 'duckdb' or 'spark'")
         self._generation = 0
+
+    def _new_scratch(self) -> Path:
+        """A private temporary folder, removed by :meth:`close` or, failing that, at exit."""
+        path = Path(tempfile.mkdtemp(prefix="jigsaw-spark-"))
+        weakref.finalize(self, shutil.rmtree, path, ignore_errors=True)
+        return path
 
     def close(self) -> None:
         """Stop the Spark session this engine started, and remove its scratch folder.
@@ -130,13 +145,20 @@ class SplinkEngine:
 
     def release(self) -> None:
         """Drop the tables Splink and :meth:`register` made in a Spark session (and their
-        cached data); a long-lived matcher calls this after each full link. No-op on DuckDB,
-        whose in-memory tables go with their connection."""
+        parquet, when checkpoints are local); the pipeline calls this after each full link.
+        No-op on DuckDB, whose in-memory tables go with their connection."""
         if self.engine != "spark":
             return
+        checkpoints = self.connection.sparkContext.getCheckpointDir() or ""
         for table in self.connection.catalog.listTables():
             if table.isTemporary and table.name.startswith(("__splink__", "tokens_")):
                 self.connection.catalog.dropTempView(table.name)
+                # Splink wrote the table's parquet there; on a cluster's shared storage the
+                # files are the operator's to clear (docs/scaling.md).
+                if checkpoints.startswith("file:"):
+                    shutil.rmtree(
+                        Path(checkpoints.removeprefix("file:")) / table.name, ignore_errors=True
+                    )
 
     def __enter__(self) -> SplinkEngine:
         return self
@@ -160,12 +182,24 @@ class SplinkEngine:
             self._generation += 1
             # A county id may hold "-", which Spark SQL would read as a minus.
             safe = re.sub(r"[^0-9a-z_]", "_", county.lower())
+            name = f"tokens_{self._generation}_{safe}"
             registered[county] = self.db_api.register(
-                table,
-                table_name=f"tokens_{self._generation}_{safe}",
+                self._spark_table(table, name) if self.engine == "spark" else table,
+                table_name=name,
                 dataset_display_name=county,
             )
         return registered
+
+    def _spark_table(self, table: pa.Table, name: str) -> Any:
+        """A token table as a Spark DataFrame read from parquet under the checkpoint folder.
+
+        Spark keeps a DataFrame made from local data in the driver and carries it in every
+        query plan; written out once and read back, the tokens are ordinary files that the
+        executors read (on a cluster the checkpoint folder is shared storage).
+        """
+        path = f"{self.connection.sparkContext.getCheckpointDir()}/{name}"
+        self.connection.createDataFrame(table).write.mode("overwrite").parquet(path)
+        return self.connection.read.parquet(path)
 
     def count_rows(self, registered: Mapping[str, Any]) -> int:
         """Total rows over registered tables."""
@@ -365,6 +399,4 @@ def spark_session(
     except Exception as e:  # py4j and the launcher raise bare Exceptions (no Java, say)
         raise ModelError(f"cannot start Spark ({master}): {e}") from e
     session.sparkContext.setLogLevel("ERROR")
-    if session.sparkContext.getCheckpointDir() is None:
-        session.sparkContext.setCheckpointDir(str(scratch / "checkpoints"))
     return session

@@ -6,7 +6,8 @@
     # The matcher's full link (train, predict, calibrate, cluster) on cached tokens, in a
     # child process whose peak memory (with Spark's JVM) is sampled:
     python scripts/benchmark_scale.py link --records 1000000 --counties 6 --engine duckdb \
-        --work bench-out/scale [--spark-master local[2]] [--spark-conf KEY=VALUE ...]
+        --work bench-out/scale [--spark-master local[2]] [--spark-conf KEY=VALUE ...] \
+        [--model MODEL.json]   # apply a trained model: predict and cluster, no training
 
 Tokens come from ``benchmark_incremental.federation_tokens`` (generated once, cached as
 parquet under ``--work``). Each command prints one JSON object and a Markdown table row.
@@ -161,6 +162,7 @@ def cmd_worker(raw: str) -> None:
     args = argparse.Namespace(**json.loads(raw))
     args.work = Path(args.work)
     from linkage.engine import SplinkEngine
+    from linkage.model import LinkageModel
     from linkage.pipeline import Stages, match_tokens
     from linkage.tokenise import TokenSpec
 
@@ -179,8 +181,10 @@ def cmd_worker(raw: str) -> None:
         engine = SplinkEngine("spark", spark_master=args.spark_master, spark_conf=conf)
     stages = Stages(lambda stage, seconds: _log(f"{stage} {'…' if seconds is None else seconds}"))
     start = time.perf_counter()
+    model = LinkageModel.load(Path(args.model)) if args.model else None
     result = match_tokens(
         tables,
+        model=model,
         engine=engine,
         stages=stages,
         spec_fingerprint=spec.fingerprint,
@@ -223,6 +227,7 @@ def main() -> None:
             p.add_argument("--spark-master", default="local[2]")
             p.add_argument("--spark-conf", nargs="*", help="KEY=VALUE Spark settings.")
             p.add_argument("--save-model", help="Write the trained model here.")
+            p.add_argument("--model", help="Apply this trained model (no training).")
             p.add_argument("--duckdb-memory", help="DuckDB memory_limit, e.g. 12GB.")
     args = parser.parse_args()
     {"counts": cmd_counts, "link": cmd_link}[args.command](args)
