@@ -469,20 +469,16 @@ def demo(
     _demo_report(summary, out)
 
 
-def _demo_report(summary: dict[str, object], out: Path) -> None:
-    table = Table(title="Jigsaw demo federation")
-    for col in ("county", "node URL", "records", "person alerts", "family alerts", "inbox file"):
-        table.add_column(col)
-    nodes = summary["nodes"]
-    assert isinstance(nodes, dict)
-    for county, info in nodes.items():
+def _demo_report(summary: dict[str, Any], out: Path) -> None:
+    table = Table(title=f"Jigsaw demo federation ({out})")
+    for col in ("county", "records", "person alerts", "family alerts"):
+        table.add_column(col, justify="left" if col == "county" else "right")
+    for county, info in summary["nodes"].items():
         table.add_row(
             county,
-            info["url"],
-            str(info["ingest"]["accepted"]),
-            str(info["alerts"]["person"]),
-            str(info["alerts"]["family"]),
-            info["alerts_file"],
+            f"{info['ingest']['accepted']:,}",
+            f"{info['alerts']['person']:,}",
+            f"{info['alerts']['family']:,}",
         )
     console.print(table)
     quality = summary.get("quality")
@@ -496,12 +492,24 @@ def _demo_report(summary: dict[str, object], out: Path) -> None:
             f"(jigsaw link on the same files: F1 {b['f1']:.4f}); "
             f"families: F1 {f['f1']:.4f}"
         )
-    seconds = summary["seconds"]
-    assert isinstance(seconds, dict)
+    scan = summary["matcher_plaintext_scan"]
+    pending = summary["alerts_pending"]
     console.print(
-        f"Every alert delivered ({summary['alerts_delivered']} messages) in "
-        f"{seconds['total']:.1f} s. Summary: {out}/summary.json; "
-        f"inboxes: {out}/alerts/<county>.jsonl; logs: {out}/matcher/, {out}/nodes/<county>/."
+        f"{summary['alerts_delivered']:,} signed alert messages delivered"
+        + (f", [red]{pending:,} still pending[/]" if pending else ", none pending")
+        + "; the matcher's files hold "
+        + (
+            "[red]plaintext: " + ", ".join(scan["found"]) + "[/]"
+            if scan["found"]
+            else f"none of {scan['identifiers_checked']:,} identifiers sampled from the exports"
+        )
+        + f". Took {summary['seconds']['total']:.1f} s."
+    )
+    console.print(
+        f"Look in {out}: summary.json (all of the above), alerts/<county>.jsonl (each county's "
+        "alerts as its node's API returned them, re-identified with its own records only), "
+        "link/ (the same files through jigsaw link), matcher/matcher.log and "
+        "nodes/<county>/node.log. Run jigsaw demo --keep-running to open the inboxes in a browser."
     )
 
 
