@@ -220,7 +220,7 @@ def _summary(result: object, out: Path) -> None:
     )
 
 
-keys_app = typer.Typer(help="Create and list federation keys.", no_args_is_help=True)
+keys_app = typer.Typer(help="Create, list and rotate federation keys.", no_args_is_help=True)
 node_app = typer.Typer(help="Run a county node.", no_args_is_help=True)
 matcher_app = typer.Typer(help="Run the central matcher.", no_args_is_help=True)
 audit_app = typer.Typer(help="Check tamper-evident audit logs.", no_args_is_help=True)
@@ -263,15 +263,70 @@ def keys_init(
 
 @keys_app.command("list")
 def keys_list(directory: Annotated[Path, typer.Argument(help="Federation key folder.")]) -> None:
-    """List the keys in a federation folder by fingerprint (never the secret)."""
+    """List the keys in a federation folder by fingerprint, and the secret's key epochs
+    (never the secret)."""
+    from federation.errors import FederationError
     from federation.keys import list_keys
 
+    try:
+        keys = list_keys(directory)
+    except FederationError as e:
+        _fail(str(e))
+        return
+    current = max((k.epoch for k in keys if k.epoch is not None), default=None)
     table = Table(title=str(directory))
-    for col in ("id", "role", "fingerprint", "path"):
+    for col in ("id", "role", "epoch", "fingerprint", "path"):
         table.add_column(col)
-    for info in list_keys(directory):
-        table.add_row(info.id, info.role, info.fingerprint, str(info.path))
+    for info in keys:
+        epoch = ""
+        if info.epoch is not None:
+            epoch = f"{info.epoch} (current)" if info.epoch == current else str(info.epoch)
+        table.add_row(info.id, info.role, epoch, info.fingerprint, str(info.path))
     console.print(table)
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    directory: Annotated[Path, typer.Argument(help="Federation key folder.")],
+) -> None:
+    """Open a new key epoch: write a fresh federation secret beside the current one.
+
+    The old secret is kept until the matcher has switched to the new epoch (every node has
+    re-tokenised under it); then delete it with `jigsaw keys retire`.
+    """
+    from federation.errors import FederationError
+    from federation.keys import keys_audit_path, rotate_secret
+
+    try:
+        epoch, path = rotate_secret(directory)
+    except FederationError as e:
+        _fail(str(e))
+        return
+    console.print(
+        f"Created {path} (key epoch {epoch}); recorded in {keys_audit_path(directory)}.\n"
+        f"Give it to every node, never to the matcher. Each node switches when it is started "
+        f"with `secret` pointing at it: it re-tokenises its records and publishes them under "
+        f"epoch {epoch}. The matcher links on epoch {epoch - 1} until every node has, then "
+        f"switches and deletes the old tokens (its /v1/admin/status shows key_epoch). Then run "
+        f"`jigsaw keys retire {directory} --epoch {epoch - 1}`."
+    )
+
+
+@keys_app.command("retire")
+def keys_retire(
+    directory: Annotated[Path, typer.Argument(help="Federation key folder.")],
+    epoch: Annotated[int, typer.Option(help="The old key epoch whose secret to delete.")],
+) -> None:
+    """Delete an old key epoch's secret once the matcher has switched past it."""
+    from federation.errors import FederationError
+    from federation.keys import retire_secret
+
+    try:
+        path = retire_secret(directory, epoch)
+    except FederationError as e:
+        _fail(str(e))
+        return
+    console.print(f"Deleted {path} (key epoch {epoch}). Delete the nodes' copies of it too.")
 
 
 @node_app.command("serve")
@@ -290,6 +345,14 @@ def node_ingest(
     mapping_file: Annotated[
         Path | None, typer.Option("--mapping", help="Column mapping for another export shape.")
     ] = None,
+    delta: Annotated[
+        bool,
+        typer.Option(
+            "--delta",
+            help="The file holds only new and changed records: keep the records it omits "
+            "(by default a record missing from the export is withdrawn).",
+        ),
+    ] = False,
 ) -> None:
     """Load an export into a running node, which then publishes what changed."""
     import httpx
@@ -298,7 +361,7 @@ def node_ingest(
 
     settings = _settings(lambda: load_settings(NodeSettings, config))
     url = f"{settings.scheme}://{settings.host}:{settings.port}/v1/admin/ingest"
-    body = {"path": str(file.resolve())}
+    body: dict[str, Any] = {"path": str(file.resolve()), "delta": delta}
     if mapping_file:
         body["mapping"] = str(mapping_file.resolve())
     try:

@@ -377,11 +377,14 @@ class LocalFederation:
         _start_party(party)
         _wait_ready(self.client, self.federation, timeout, only=party)
 
-    def ingest(self, county: str, path: Path) -> dict[str, Any]:
-        """Have a node ingest a file (it then publishes what changed)."""
+    def ingest(self, county: str, path: Path, *, delta: bool = False) -> dict[str, Any]:
+        """Have a node ingest a file (it then publishes what changed); ``delta``: the file
+        holds only new and changed records."""
         party = self.nodes[county]
         r = self.client.post(
-            f"{party.url}/v1/admin/ingest", json={"path": str(path)}, headers=_admin(party)
+            f"{party.url}/v1/admin/ingest",
+            json={"path": str(path), "delta": delta},
+            headers=_admin(party),
         )
         if r.status_code != 200:
             raise TransportError(f"{county}: ingest refused ({r.status_code}); see {party.log}")

@@ -12,10 +12,18 @@ Two kinds of key, with very different audiences:
 
 :func:`init_federation` lays out a whole federation on one machine (used by the demo)::
 
-    DIR/secret/federation.key          the federation secret, for the nodes only
+    DIR/secret/federation.key          the federation secret (key epoch 1), for the nodes only
+    DIR/secret/federation.<N>.key      the secret of key epoch N >= 2 (``jigsaw keys rotate``)
     DIR/matcher/matcher.key(.pub)      the matcher's signing key (no secret in here)
     DIR/nodes/<id>/node.key(.pub)      each node's signing key
     DIR/registry.toml                  the public registry
+    DIR/keys-audit.duckdb              hash-chained audit of rotations and retirements
+
+**Key epochs.** Rotating the federation secret (:func:`rotate_secret`) writes the next epoch's
+secret beside the current one; the newest epoch present is the current one. Both stay until the
+matcher has switched to the new epoch (every node has re-tokenised under it), then the old one
+is deleted with :func:`retire_secret`. A node finds the epoch of a ``federation.<N>.key`` file
+from its name (:func:`secret_epoch_of`; see ``NodeSettings.key_epoch``).
 
 No function here puts a secret or private key into an exception message or a return value
 meant for display; errors name files and environment variables, never their contents.
@@ -38,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import duckdb
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -45,7 +54,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from federation.errors import ConfigError
+from federation.audit import AuditLog
+from federation.errors import ConfigError, StoreError
 
 if TYPE_CHECKING:
     from federation.registry import Contact
@@ -58,6 +68,7 @@ __all__ = [
     "generate_federation_secret",
     "generate_keypair",
     "init_federation",
+    "keys_audit_path",
     "list_keys",
     "load_private_key",
     "load_public_key",
@@ -68,6 +79,11 @@ __all__ = [
     "public_key_fingerprint",
     "public_key_from_b64",
     "registry_path",
+    "retire_secret",
+    "rotate_secret",
+    "secret_epoch_of",
+    "secret_epoch_path",
+    "secret_epochs",
     "secret_path",
     "write_private_key",
     "write_secret",
@@ -89,6 +105,8 @@ _PLACEHOLDER_WORDS = (
     "insecure",
 )
 _HEX_RE = re.compile(r"(?:[0-9a-fA-F]{2})+")
+# ``federation.<N>.key``: the secret of key epoch N (``federation.key`` is epoch 1).
+_EPOCH_SECRET_RE = re.compile(r"federation\.([1-9][0-9]{0,8})\.key")
 
 
 # --------------------------------------------------------------------------- layout
@@ -97,6 +115,57 @@ _HEX_RE = re.compile(r"(?:[0-9a-fA-F]{2})+")
 def secret_path(directory: Path) -> Path:
     """Where :func:`init_federation` puts the federation secret (for the nodes only)."""
     return Path(directory) / "secret" / "federation.key"
+
+
+def secret_epoch_path(directory: Path, epoch: int) -> Path:
+    """Where the secret of key epoch ``epoch`` lives: ``federation.key`` for epoch 1 (as
+    :func:`init_federation` wrote it), ``federation.<epoch>.key`` after a rotation."""
+    if epoch < 1:
+        raise ValueError("a key epoch is a positive integer")
+    return (
+        secret_path(directory)
+        if epoch == 1
+        else secret_path(directory).with_name(f"federation.{epoch}.key")
+    )
+
+
+def secret_epoch_of(path: Path | str) -> int | None:
+    """The key epoch a secret file's name states (``federation.<N>.key``), or None.
+
+    ``federation.key`` and any other name state no epoch: for those the node's ``key_epoch``
+    setting says which epoch the secret is.
+    """
+    match = _EPOCH_SECRET_RE.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def secret_epochs(directory: Path) -> dict[int, Path]:
+    """The federation secrets under ``directory/secret/``, by key epoch (oldest first).
+
+    Raises:
+        ConfigError: If two files claim the same epoch (``federation.key`` and
+            ``federation.1.key``).
+    """
+    folder = secret_path(directory).parent
+    found: dict[int, Path] = {}
+    if not folder.is_dir():
+        return found
+    for path in sorted(folder.iterdir()):
+        epoch = 1 if path.name == secret_path(directory).name else secret_epoch_of(path)
+        if epoch is None:
+            continue
+        if epoch in found:
+            raise ConfigError(
+                f"two secret files for key epoch {epoch}: {found[epoch].name} and {path.name}",
+                source=str(folder),
+            )
+        found[epoch] = path
+    return dict(sorted(found.items()))
+
+
+def keys_audit_path(directory: Path) -> Path:
+    """The audit log of key rotations and retirements (a DuckDB file; no key material)."""
+    return Path(directory) / "keys-audit.duckdb"
 
 
 def matcher_key_path(directory: Path) -> Path:
@@ -443,12 +512,14 @@ class KeyInfo:
         fingerprint: Public key fingerprint (see :func:`public_key_fingerprint`); None for
             the secret, of which nothing is shown.
         path: The private key or secret file.
+        epoch: For a secret, its key epoch; None for signing keys.
     """
 
     id: str
     role: Literal["matcher", "node", "secret"]
     fingerprint: str | None
     path: Path
+    epoch: int | None = None
 
 
 def init_federation(
@@ -573,7 +644,8 @@ def list_keys(directory: Path) -> list[KeyInfo]:
         directory: The federation directory.
 
     Returns:
-        The matcher first, then nodes by id, then the secret if present.
+        The matcher first, then nodes by id, then the secrets present, oldest epoch first
+        (the last one is the current epoch).
 
     Raises:
         ConfigError: If ``directory`` does not exist or a key file cannot be read.
@@ -591,10 +663,109 @@ def list_keys(directory: Path) -> list[KeyInfo]:
             key_path = node_key_path(directory, node_dir.name)
             if key_path.exists():
                 found.append(KeyInfo(node_dir.name, "node", _fingerprint_of(key_path), key_path))
-    secret = secret_path(directory)
-    if secret.exists():
-        found.append(KeyInfo("federation", "secret", None, secret))
+    for epoch, secret in secret_epochs(directory).items():
+        found.append(KeyInfo("federation", "secret", None, secret, epoch=epoch))
     return found
+
+
+# --------------------------------------------------------------------------- key epochs
+
+
+def rotate_secret(directory: Path, *, actor: str = "cli") -> tuple[int, Path]:
+    """Open a new key epoch: write a fresh federation secret beside the current one.
+
+    The current secret is kept: nodes go on using it until each is switched to the new file,
+    and the matcher links on the old epoch until every node has re-tokenised under the new
+    one. Retire the old secret (:func:`retire_secret`) once the matcher reports the switch.
+    The rotation is recorded in :func:`keys_audit_path` (epochs and file names only).
+
+    Args:
+        directory: The federation directory (as made by :func:`init_federation`).
+        actor: Who rotated, for the audit log.
+
+    Returns:
+        ``(epoch, path)`` of the new secret.
+
+    Raises:
+        ConfigError: If there is no current secret to rotate, or the new file exists.
+        StoreError: If the audit log cannot be written (the new secret is written by then).
+    """
+    directory = Path(directory)
+    epochs = secret_epochs(directory)
+    if not epochs:
+        raise ConfigError(
+            "no federation secret to rotate (run `jigsaw keys init` first)",
+            source=str(secret_path(directory).parent),
+        )
+    previous = max(epochs)
+    epoch = previous + 1
+    path = secret_epoch_path(directory, epoch)
+    write_secret(path, generate_federation_secret())
+    _audit_key_change(
+        directory,
+        "keys.rotated",
+        actor,
+        {
+            "epoch": epoch,
+            "previous_epoch": previous,
+            "file": str(path.relative_to(directory)),
+            "kept": [str(p.relative_to(directory)) for p in epochs.values()],
+        },
+    )
+    return epoch, path
+
+
+def retire_secret(directory: Path, epoch: int, *, actor: str = "cli") -> Path:
+    """Delete the secret of an old key epoch (after the matcher has switched past it).
+
+    Args:
+        directory: The federation directory.
+        epoch: The epoch to retire; never the current (newest) one.
+        actor: Who retired it, for the audit log.
+
+    Returns:
+        The path deleted.
+
+    Raises:
+        ConfigError: If there is no such secret, or it is the current one.
+        StoreError: If the audit log cannot be written (the secret is deleted by then).
+    """
+    directory = Path(directory)
+    epochs = secret_epochs(directory)
+    if epoch not in epochs:
+        raise ConfigError(
+            f"no secret of key epoch {epoch} here", source=str(secret_path(directory).parent)
+        )
+    if epoch == max(epochs):
+        raise ConfigError(
+            f"key epoch {epoch} is the current secret; rotate first, then retire the old one",
+            source=str(epochs[epoch]),
+        )
+    path = epochs[epoch]
+    try:
+        path.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot delete: {e.strerror}", source=str(path)) from e
+    _audit_key_change(
+        directory,
+        "keys.retired",
+        actor,
+        {"epoch": epoch, "file": str(path.relative_to(directory)), "current_epoch": max(epochs)},
+    )
+    return path
+
+
+def _audit_key_change(directory: Path, event: str, actor: str, details: dict[str, object]) -> None:
+    """Append a key change to the federation directory's hash-chained audit log."""
+    path = keys_audit_path(directory)
+    try:
+        conn = duckdb.connect(str(path))
+    except duckdb.Error as e:
+        raise StoreError(f"cannot open the key audit log {path}") from e
+    try:
+        AuditLog(conn).append(event, actor, details)
+    finally:
+        conn.close()
 
 
 def _fingerprint_of(private_path: Path) -> str:

@@ -64,6 +64,10 @@ class TokenBatch(_Body):
 
     ``rows`` are column-ordered as ``columns``: ``pseudonym``, ``household``, ``role`` then
     the token columns of the spec. Tokens are signed 64-bit integers or null.
+
+    ``epoch_complete`` marks the last batch of a node's re-tokenisation under a new key epoch
+    (``token_spec.epoch``): with it, every record the node holds has been published under that
+    epoch. The matcher switches to the new epoch once every node holding tokens has sent it.
     """
 
     schema_: Literal["token_batch/1"] = Field("token_batch/1", alias="schema")
@@ -73,6 +77,7 @@ class TokenBatch(_Body):
     columns: list[str]
     rows: list[list[TokenValue]] = Field(max_length=MAX_BATCH_RECORDS)
     tombstones: list[Hex] = Field(default_factory=list, max_length=MAX_BATCH_RECORDS)
+    epoch_complete: bool = False
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

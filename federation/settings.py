@@ -12,10 +12,11 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from federation.errors import ConfigError
+from federation.keys import secret_epoch_of
 
 __all__ = ["MatcherSettings", "NodeSettings", "load_settings"]
 
@@ -65,7 +66,12 @@ class NodeSettings(_Common):
         node_id: This county's id in the federation registry.
         secret: File holding the federation secret (or set ``JIGSAW_FEDERATION_SECRET``).
         token_spec: Token spec TOML; every node of a federation must use the same one.
-        key_epoch: Current key epoch of the federation secret.
+        key_epoch: Key epoch of the federation secret. A secret file named
+            ``federation.<N>.key`` (as ``jigsaw keys rotate`` writes it) states its epoch, and
+            a ``key_epoch`` that disagrees is refused; for any other file name, or the
+            ``JIGSAW_FEDERATION_SECRET`` variable, set it (default 1). When it goes up by one,
+            the node re-tokenises its records under the new epoch at start-up
+            (``federation.node.rotate``).
         batch_size: Records per token batch.
         tokenise_seed: Fixed seed for Bloom-filter bit flips (demos and tests only).
         inbox_url: The inbox's address as people reach it, for e-mail links (default: the
@@ -112,6 +118,18 @@ class NodeSettings(_Common):
     notify_to: list[str] = Field(default_factory=list)
     notify_interval: float = Field(60.0, gt=0)
     # --- end inbox
+
+    @model_validator(mode="after")
+    def _epoch_of_secret_file(self) -> NodeSettings:
+        stated = secret_epoch_of(self.secret) if self.secret is not None else None
+        if stated is not None:
+            if "key_epoch" in self.model_fields_set and self.key_epoch != stated:
+                raise ValueError(
+                    f"key_epoch is {self.key_epoch} but the secret file "
+                    f"{self.secret.name if self.secret else ''} is for key epoch {stated}"
+                )
+            self.key_epoch = stated
+        return self
 
 
 class MatcherSettings(_Common):

@@ -229,6 +229,7 @@ def main() -> None:
         index._predict_between = scoring  # type: ignore[method-assign]
         n = args.new if prefilter else min(args.new, args.full_new)
         seconds: list[float] = []
+        stages: dict[str, list[float]] = {}
         pairs = 0
         load = load_average()
         for county, pseudonym in held[:n]:
@@ -239,6 +240,8 @@ def main() -> None:
             report = index.score_pending()
             seconds.append(time.perf_counter() - start)
             pairs += report.pairs
+            for stage, spent in report.stages.items():
+                stages.setdefault(stage, []).append(spent)
         scored = pd.concat(captured, ignore_index=True) if captured else pd.DataFrame()
         scores[path] = scored
         results["paths"][path] = {
@@ -251,6 +254,7 @@ def main() -> None:
             "scoring_p95_s": _percentile(scoring_seconds, 95),
             "candidate_pairs_scored": len(scored),
             "pairs_above_threshold": pairs,
+            "stage_median_s": {k: round(statistics.median(v), 4) for k, v in stages.items()},
             "load_average": load,
         }
         _log(f"{path}: {results['paths'][path]}")

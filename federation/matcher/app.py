@@ -9,7 +9,6 @@ sends every queued alert, signed, to the county it concerns until that county ac
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import random
 import secrets
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -29,8 +29,9 @@ from pydantic import ValidationError
 
 from federation.errors import AuthError, FederationError
 from federation.keys import load_private_key
+from federation.matcher.epochs import KeyEpochs
 from federation.matcher.index import LinkIndex
-from federation.matcher.store import MatcherStore
+from federation.matcher.store import EpochRefused, MatcherStore
 from federation.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from federation.metrics import Exposition, Histogram
 from federation.protocol import MAX_ALERT_BATCH, Ack, FeedbackBody, TokenBatch
@@ -89,6 +90,8 @@ class Matcher:
             engine=settings.engine,  # the full link's engine (issue 8)
             spark_master=settings.spark_master,
         )
+        # Key rotation: which epoch is linked on, and the switch to the next (epochs.py).
+        self.epochs = KeyEpochs(self.store, self.registry)
         self.client = client or httpx.Client(timeout=httpx.Timeout(10.0, connect=2.0))
         self.metrics = _Metrics()
         # Per authenticated sender, checked right after a message verifies (issue 4).
@@ -132,6 +135,10 @@ class Matcher:
     def score_once(self) -> dict[str, Any]:
         """One scoring round: a first full link when no model exists, else new records only."""
         with self.work_lock:
+            switched = self.epochs.switch_if_due(self.index)
+            if switched is not None:
+                self._wake_deliverer.set()
+                return switched
             if self.index.model is None:
                 if not self.settings.auto_link:
                     return {"status": "waiting"}
@@ -149,11 +156,12 @@ class Matcher:
                 self.metrics.score_rounds += 1
                 self.metrics.score_seconds.observe(report.seconds)
                 logger.info(
-                    "scored %d records: %d pairs, %d alert messages, %.3f s",
+                    "scored %d records: %d pairs, %d alert messages, %.3f s (%s)",
                     report.records,
                     report.pairs,
                     report.alerts_queued,
                     report.seconds,
+                    " ".join(f"{k} {v:.3f}" for k, v in report.stages.items()),
                 )
             if report.alerts_queued:
                 self._wake_deliverer.set()
@@ -186,10 +194,14 @@ class Matcher:
         """
         now = time.time()
         with self.store.lock:
+            # Through alerts_due and the alerts' key index: a scan of every alert, several
+            # times a second, would cost a core at a million records.
             due = self.store.conn.execute(
+                "WITH due AS MATERIALIZED (SELECT * FROM alerts "
+                "  WHERE alert_id IN (SELECT alert_id FROM alerts_due)) "
                 "SELECT county, alert_id, version, state, body, attempts, updated_at FROM ("
                 "  SELECT *, row_number() OVER (PARTITION BY county ORDER BY updated_at) AS n"
-                "  FROM alerts WHERE (delivered_version IS NULL OR delivered_version < version)"
+                "  FROM due WHERE (delivered_version IS NULL OR delivered_version < version)"
                 "  AND next_attempt_at <= ?) WHERE n <= ? ORDER BY county, updated_at",
                 [now, limit],
             ).fetchall()
@@ -205,8 +217,8 @@ class Matcher:
         return sum(results)
 
     def _deliver(self, county: str, rows: list[tuple[str, int, str, str, int, float]]) -> int:
-        alerts = [json.loads(body) for _, _, state, body, _, _ in rows if state != "withdrawn"]
-        withdrawals = [json.loads(body) for _, _, state, body, _, _ in rows if state == "withdrawn"]
+        alerts = [orjson.loads(row[3]) for row in rows if row[2] != "withdrawn"]
+        withdrawals = [orjson.loads(row[3]) for row in rows if row[2] == "withdrawn"]
         batch = {
             "schema": "alert_batch/1",
             "batch_id": secrets.token_hex(16),
@@ -220,21 +232,34 @@ class Matcher:
         attempts = max(row[4] for row in rows)
         delay = min(self.settings.retry_max_seconds, 0.25 * 2 ** min(attempts, 10))
         retry_at = time.time() + delay * random.uniform(0.8, 1.2)
+        ids = [row[0] for row in rows]
+        # One statement per batch: a statement per alert made delivery scan the alerts table
+        # a thousand times a batch.
         with self.store.transaction() as conn:
-            for alert_id, version, _, _, _, _ in rows:
-                if ok:
-                    # Only the version sent counts as delivered; a newer one stays due.
-                    conn.execute(
-                        "UPDATE alerts SET delivered_version = ?, attempts = 0 "
-                        "WHERE alert_id = ? AND version = ?",
-                        [version, alert_id, version],
-                    )
-                else:
-                    conn.execute(
-                        "UPDATE alerts SET attempts = attempts + 1, next_attempt_at = ? "
-                        "WHERE alert_id = ?",
-                        [retry_at, alert_id],
-                    )
+            if ok:
+                # Only the version sent counts as delivered; a newer one stays due.
+                conn.execute(
+                    "UPDATE alerts SET delivered_version = version, attempts = 0 "
+                    "WHERE rowid IN (WITH s AS MATERIALIZED ("
+                    "  SELECT rowid AS row_id, alert_id, version FROM alerts"
+                    "  WHERE alert_id IN (SELECT unnest(?))) "
+                    "SELECT row_id FROM s JOIN (SELECT unnest(?) AS alert_id, unnest(?) AS version)"
+                    "  AS sent USING (alert_id, version))",
+                    [ids, ids, [row[1] for row in rows]],
+                )
+                conn.execute(
+                    "DELETE FROM alerts_due WHERE alert_id IN (WITH s AS MATERIALIZED ("
+                    "  SELECT alert_id, version, delivered_version FROM alerts"
+                    "  WHERE alert_id IN (SELECT unnest(?))) "
+                    "SELECT alert_id FROM s WHERE delivered_version >= version)",
+                    [ids],
+                )
+            else:
+                conn.execute(
+                    "UPDATE alerts SET attempts = attempts + 1, next_attempt_at = ? "
+                    "WHERE alert_id IN (SELECT unnest(?))",
+                    [retry_at, ids],
+                )
         if ok:
             self.metrics.alerts_sent += len(rows)
             acked_at = time.time()
@@ -253,7 +278,11 @@ class Matcher:
         )
         n = len(batch["alerts"]) + len(batch["withdrawals"])
         try:
-            response = self.client.post(f"{entry.url.rstrip('/')}/v1/alerts", json=envelope)
+            response = self.client.post(
+                f"{entry.url.rstrip('/')}/v1/alerts",
+                content=orjson.dumps(envelope),
+                headers={"content-type": "application/json"},
+            )
         except httpx.HTTPError:
             logger.warning("%d alert messages to %s: node unreachable", n, county)
             return False
@@ -314,7 +343,12 @@ class Matcher:
             raise _Unprocessable("token columns do not match the federation's token spec")
         if any(len(row) != len(expected) for row in batch.rows):
             raise _Unprocessable("a row has the wrong number of columns")
-        stored, count = self.store.store_batch(batch, epoch=batch.token_spec.epoch)
+        try:
+            stored, count = self.store.store_batch(batch, epoch=batch.token_spec.epoch)
+        except EpochRefused as e:
+            raise _Unprocessable(str(e)) from None
+        if stored and batch.epoch_complete:
+            self.epochs.completed()
         self._last_batch_at = time.time()
         if stored:
             self.metrics.batches += 1
@@ -401,7 +435,7 @@ def create_app(settings: MatcherSettings, *, client: httpx.Client | None = None)
                 raise _TooLarge()
             chunks.append(chunk)
         try:
-            return json.loads(b"".join(chunks))
+            return orjson.loads(b"".join(chunks))  # refuses NaN, as canonical JSON must
         except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
             raise AuthError("body is not JSON") from e
 
@@ -473,6 +507,7 @@ def create_app(settings: MatcherSettings, *, client: httpx.Client | None = None)
     async def status(request: Request) -> JSONResponse:
         matcher = matcher_of(request)
         counts = matcher.store.counts()
+        counts["key_epoch"] = matcher.epochs.progress()
         model = matcher.index.model
         counts["model"] = (
             {"threshold": model.threshold, "prior": model.prior, **model.metadata}

@@ -19,13 +19,13 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 
-from federation.matcher.store import MatcherStore
+from federation.matcher.store import MatcherStore, keyed
 from federation.registry import Registry
 from linkage.cluster import cluster_people, link_families
 from linkage.engine import DEFAULT_SPARK_MASTER, Engine, SplinkEngine
@@ -37,6 +37,26 @@ __all__ = ["LinkIndex", "alert_id_for"]
 logger = logging.getLogger(__name__)
 
 Key = tuple[str, str]
+
+
+def _key_table(keys: Iterable[Key]) -> pa.Table:
+    """``(county, key)`` pairs as a relation with string columns ``c`` and ``k``, for
+    :func:`federation.matcher.store.keyed`."""
+    pairs = list(keys)
+    return pa.table(
+        {
+            "c": pa.array([c for c, _ in pairs], pa.string()),
+            "k": pa.array([k for _, k in pairs], pa.string()),
+        }
+    )
+
+
+def _household_set(members: pd.DataFrame) -> set[Key]:
+    return {
+        (c, h)
+        for c, h in zip(members["county"], members["household"], strict=True)
+        if h is not None and not pd.isna(h)
+    }
 
 
 def alert_id_for(kind: str, county: str, subject: str) -> str:
@@ -52,6 +72,14 @@ class ScoreReport:
     pairs: int = 0
     alerts_queued: int = 0
     seconds: float = 0.0
+    #: Seconds per stage (read, score, pairs, cluster, family, alerts), for the log.
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, stage: str, since: float) -> float:
+        """Record the time since ``since`` under ``stage``; returns now."""
+        now = time.perf_counter()
+        self.stages[stage] = round(now - since, 4)
+        return now
 
 
 class LinkIndex:
@@ -118,8 +146,14 @@ class LinkIndex:
 
     # ------------------------------------------------------------------ full link
     def relink(self, *, retrain: bool = False, stages: Stages | None = None) -> dict[str, Any]:
-        """Link every stored token with the batch pipeline, training first if needed."""
+        """Link every stored token with the batch pipeline, training first if needed.
+
+        Records keep the cluster ids they had (where a cluster carries over), so a full link
+        (after a retrain, or on a new key epoch's tokens) re-sends no unchanged alert.
+        """
         with self.store.lock:
+            # Records queued after this read are left queued for incremental scoring.
+            read_at = time.time()
             tokens = self.store.conn.execute("SELECT * FROM tokens").df()
         tables = {
             str(county): frame.drop(
@@ -143,10 +177,17 @@ class LinkIndex:
         pairs = self._pairs_frame(result.pairs)
         members = result.clusters.members
         with self.store.transaction() as conn:
+            previous = {
+                (str(c), str(p)): str(cid)
+                for c, p, cid in conn.execute(
+                    "SELECT county, pseudonym, cluster_id FROM clusters"
+                ).fetchall()
+            }
+            members = _keep_cluster_ids(members, previous)
             conn.execute("DELETE FROM pairs")
             conn.execute("DELETE FROM clusters")
             conn.execute("DELETE FROM families")
-            conn.execute("DELETE FROM pending")
+            conn.execute("DELETE FROM pending WHERE queued_at <= ?", [read_at])
             conn.register("p", pairs)
             conn.execute("INSERT INTO pairs SELECT * FROM p")
             conn.unregister("p")
@@ -169,6 +210,11 @@ class LinkIndex:
             "alerts_queued": queued,
             "threshold": self.model.threshold if self.model else None,
         }
+
+    def forget_index(self) -> None:
+        """Drop the scoring linker (rebuilt on the next round) after the tokens were replaced
+        wholesale, as when the matcher switches to a new key epoch."""
+        self._linker = None
 
     def _relink_engine(self) -> SplinkEngine | None:
         """The engine of the full link: a fresh in-memory DuckDB each time (``None``), or one
@@ -209,57 +255,62 @@ class LinkIndex:
             return report
         start = time.perf_counter()
         with self.store.lock:
-            pending = self.store.conn.execute(
-                "SELECT p.source_dataset, p.pseudonym, t.pseudonym IS NOT NULL AS present "
-                "FROM pending p LEFT JOIN tokens t USING (source_dataset, pseudonym) "
-                "ORDER BY p.queued_at LIMIT ?",
+            conn = self.store.conn
+            pending = conn.execute(
+                "SELECT source_dataset, pseudonym FROM pending ORDER BY queued_at LIMIT ?",
                 [limit],
             ).df()
-        if pending.empty:
-            return report
-        keys = set(zip(pending["source_dataset"], pending["pseudonym"], strict=True))
-        present = pending[pending["present"]]
+            if pending.empty:
+                return report
+            keys = set(zip(pending["source_dataset"], pending["pseudonym"], strict=True))
+            # The queued records' tokens (a tombstoned record has none: it is only re-clustered).
+            conn.register("k", _key_table(keys))
+            new = conn.sql(
+                "SELECT * EXCLUDE (row_id, epoch, batch_id, stored_at) FROM "
+                f"{keyed('tokens', 'source_dataset', 'pseudonym', 'k')}"
+            ).to_arrow_table()
+            conn.unregister("k")
+        t = report.mark("read", start)
         scored = pd.DataFrame()
-        if len(present):
+        if new.num_rows:
             with self.store.lock:
-                new = self.store.conn.sql(
-                    "SELECT t.* EXCLUDE (epoch, batch_id, stored_at) FROM tokens t SEMI JOIN "
-                    f"(SELECT * FROM pending LIMIT {int(limit)}) p "
-                    "USING (source_dataset, pseudonym)"
-                ).to_arrow_table()
                 scored = self._predict_between(new)
+            t = report.mark("score", t)
         threshold = self.model.threshold
         if len(scored):
             scored = scored[scored["match_probability"] >= threshold]
         pairs = self._pairs_frame(scored) if len(scored) else scored
         with self.store.transaction() as conn:
-            conn.register("k", pending[["source_dataset", "pseudonym"]])
+            conn.register("k", _key_table(keys))
+            left = keyed("pairs", "county_l", "pseudonym_l", "k")
+            right = keyed("pairs", "county_r", "pseudonym_r", "k")
             neighbours = conn.execute(
-                "SELECT county_r, pseudonym_r FROM pairs SEMI JOIN k "
-                "ON county_l = k.source_dataset AND pseudonym_l = k.pseudonym "
-                "UNION SELECT county_l, pseudonym_l FROM pairs SEMI JOIN k "
-                "ON county_r = k.source_dataset AND pseudonym_r = k.pseudonym"
+                f"SELECT county_r, pseudonym_r FROM {left} "
+                f"UNION SELECT county_l, pseudonym_l FROM {right}"
             ).fetchall()
             conn.execute(
-                "DELETE FROM pairs WHERE (county_l, pseudonym_l) IN "
-                "(SELECT source_dataset, pseudonym FROM k) "
-                "OR (county_r, pseudonym_r) IN (SELECT source_dataset, pseudonym FROM k)"
+                "DELETE FROM pairs WHERE rowid IN "
+                f"(SELECT row_id FROM {left} UNION SELECT row_id FROM {right})"
             )
             if len(pairs):
                 conn.register("p", pairs)
                 conn.execute("INSERT OR REPLACE INTO pairs SELECT * FROM p")
                 conn.unregister("p")
             conn.execute(
-                "DELETE FROM pending WHERE (source_dataset, pseudonym) IN "
-                "(SELECT source_dataset, pseudonym FROM k)"
+                "DELETE FROM pending WHERE (source_dataset, pseudonym) IN (SELECT c, k FROM k)"
             )
             conn.unregister("k")
+            t = report.mark("pairs", t)
             seeds = keys | {(c, p) for c, p in neighbours}
             affected = self._recluster(conn, seeds)
+            t = report.mark("cluster", t)
             households = self._refamily(conn, affected)
+            t = report.mark("family", t)
             # In the same transaction as the pending rows' removal: committed apart, a crash
             # (or an error) between the two would lose these alerts for good.
             report.alerts_queued = self._queue_alerts(conn, affected, households)
+            t = report.mark("alerts", t)
+        report.mark("commit", t)
         report.records = len(pending)
         report.pairs = len(pairs)
         report.seconds = time.perf_counter() - start
@@ -331,35 +382,31 @@ class LinkIndex:
     def _recluster(self, conn: Any, seeds: set[Key]) -> set[Key]:
         """Re-cluster the connected part of the pair graph around ``seeds``."""
         component = set(seeds)
-        old = self._cluster_members_of(conn, component)
-        component |= old
+        component |= self._cluster_members_of(conn, component)
         frontier = set(component)
-        pairs = pd.DataFrame()
         while frontier:
-            conn.register("f", pd.DataFrame(list(frontier), columns=["c", "p"]))
-            pairs = conn.execute(
-                "SELECT * FROM pairs WHERE (county_l, pseudonym_l) IN (SELECT c, p FROM f) "
-                "OR (county_r, pseudonym_r) IN (SELECT c, p FROM f)"
-            ).df()
-            conn.unregister("f")
-            ends = set(zip(pairs["county_l"], pairs["pseudonym_l"], strict=True)) | set(
-                zip(pairs["county_r"], pairs["pseudonym_r"], strict=True)
-            )
-            frontier = ends - component
-            component |= ends
-        previous: dict[Key, str] = {}
-        if component:
-            conn.register("c", pd.DataFrame(list(component), columns=["c", "p"]))
-            pairs = conn.execute(
-                "SELECT * FROM pairs WHERE (county_l, pseudonym_l) IN (SELECT c, p FROM c)"
-            ).df()
-            rows = conn.execute(
-                "SELECT county, pseudonym, cluster_id FROM clusters "
-                "WHERE (county, pseudonym) IN (SELECT c, p FROM c)"
+            conn.register("f", _key_table(frontier))
+            ends = conn.execute(
+                "SELECT county_l, pseudonym_l, county_r, pseudonym_r FROM "
+                f"{keyed('pairs', 'county_l', 'pseudonym_l', 'f')} UNION "
+                "SELECT county_l, pseudonym_l, county_r, pseudonym_r FROM "
+                f"{keyed('pairs', 'county_r', 'pseudonym_r', 'f')}"
             ).fetchall()
-            previous = {(c, p): cid for c, p, cid in rows}
-            conn.execute("DELETE FROM clusters WHERE (county, pseudonym) IN (SELECT c, p FROM c)")
-            conn.unregister("c")
+            conn.unregister("f")
+            found = {(cl, pl) for cl, pl, _, _ in ends} | {(cr, pr) for _, _, cr, pr in ends}
+            frontier = found - component
+            component |= found
+        if not component:
+            return component
+        conn.register("c", _key_table(component))
+        pairs = conn.execute(
+            f"SELECT * EXCLUDE (row_id) FROM {keyed('pairs', 'county_l', 'pseudonym_l', 'c')}"
+        ).df()
+        in_clusters = keyed("clusters", "county", "pseudonym", "c")
+        rows = conn.execute(f"SELECT county, pseudonym, cluster_id FROM {in_clusters}").fetchall()
+        previous: dict[Key, str] = {(c, p): cid for c, p, cid in rows}
+        conn.execute(f"DELETE FROM clusters WHERE rowid IN (SELECT row_id FROM {in_clusters})")
+        conn.unregister("c")
         if len(pairs):
             members = _keep_cluster_ids(cluster_people(pairs).members, previous)
             if len(members):
@@ -370,60 +417,88 @@ class LinkIndex:
 
     @staticmethod
     def _cluster_members_of(conn: Any, keys: set[Key]) -> set[Key]:
+        """Every record in a cluster with one of ``keys``."""
         if not keys:
             return set()
-        conn.register("q", pd.DataFrame(list(keys), columns=["c", "p"]))
+        conn.register("q", _key_table(keys))
         rows = conn.execute(
-            "SELECT county, pseudonym FROM clusters WHERE cluster_id IN ("
-            "SELECT cluster_id FROM clusters WHERE (county, pseudonym) IN (SELECT c, p FROM q))"
+            "SELECT county, pseudonym FROM clusters WHERE cluster_id IN (SELECT cluster_id "
+            f"FROM {keyed('clusters', 'county', 'pseudonym', 'q')})"
         ).fetchall()
         conn.unregister("q")
         return {(c, p) for c, p in rows}
 
+    @staticmethod
+    def _households_of(conn: Any, records: Iterable[Key]) -> set[Key]:
+        """The ``(county, household)`` of each of ``records`` that has one."""
+        conn.register("q", _key_table(records))
+        rows = conn.execute(
+            "SELECT source_dataset, household FROM "
+            f"{keyed('tokens', 'source_dataset', 'pseudonym', 'q')} WHERE household IS NOT NULL"
+        ).fetchall()
+        conn.unregister("q")
+        return {(c, h) for c, h in rows}
+
+    @staticmethod
+    def _family_members(conn: Any, households: set[Key]) -> pd.DataFrame:
+        """Every member (``cluster_id, county, pseudonym, household``) of the clusters that
+        hold a record of one of ``households``: one index lookup per step."""
+        conn.register("h", _key_table(households))
+        records_in = conn.execute(
+            "SELECT source_dataset, pseudonym FROM "
+            f"{keyed('tokens', 'source_dataset', 'household', 'h')}"
+        ).fetchall()
+        conn.unregister("h")
+        conn.register("q", _key_table(records_in))
+        clustered = conn.execute(
+            "SELECT cluster_id, county, pseudonym FROM clusters WHERE cluster_id IN "
+            f"(SELECT cluster_id FROM {keyed('clusters', 'county', 'pseudonym', 'q')})"
+        ).df()
+        conn.unregister("q")
+        conn.register(
+            "q", _key_table(zip(clustered["county"], clustered["pseudonym"], strict=True))
+        )
+        held = conn.execute(
+            "SELECT source_dataset AS county, pseudonym, household FROM "
+            f"{keyed('tokens', 'source_dataset', 'pseudonym', 'q')}"
+        ).df()
+        conn.unregister("q")
+        return clustered.merge(held, on=["county", "pseudonym"])
+
     def _refamily(self, conn: Any, records: set[Key]) -> set[Key]:
         """Recompute the families reachable from the households of ``records``."""
-        conn.register("r", pd.DataFrame(list(records), columns=["c", "p"]))
-        start = conn.execute(
-            "SELECT source_dataset, household FROM tokens WHERE household IS NOT NULL AND "
-            "(source_dataset, pseudonym) IN (SELECT c, p FROM r) "
-            "UNION SELECT county, household FROM families WHERE family_id IN ("
-            "SELECT f.family_id FROM families f JOIN tokens t ON f.county = t.source_dataset "
-            "AND f.household = t.household WHERE (t.source_dataset, t.pseudonym) IN "
-            "(SELECT c, p FROM r))"
+        households = self._households_of(conn, records)
+        # ... and every household already in a family with one of them.
+        conn.register("q", _key_table(households))
+        rows = conn.execute(
+            "SELECT county, household FROM families WHERE family_id IN (SELECT family_id "
+            f"FROM {keyed('families', 'county', 'household', 'q')})"
         ).fetchall()
-        conn.unregister("r")
-        households: set[Key] = {(c, h) for c, h in start}
+        conn.unregister("q")
+        households |= {(c, h) for c, h in rows}
         frontier = set(households)
-        members = pd.DataFrame(columns=["cluster_id", "county", "pseudonym", "household"])
         while frontier:
-            conn.register("h", pd.DataFrame(list(frontier), columns=["c", "h"]))
-            members = conn.execute(
-                "SELECT cl.cluster_id, cl.county, cl.pseudonym, t.household FROM clusters cl "
-                "JOIN tokens t ON t.source_dataset = cl.county AND t.pseudonym = cl.pseudonym "
-                "WHERE cl.cluster_id IN (SELECT cl2.cluster_id FROM clusters cl2 JOIN tokens t2 "
-                "ON t2.source_dataset = cl2.county AND t2.pseudonym = cl2.pseudonym "
-                "WHERE (t2.source_dataset, t2.household) IN (SELECT c, h FROM h))"
-            ).df()
-            conn.unregister("h")
-            found = {
-                (c, h)
-                for c, h in zip(members["county"], members["household"], strict=True)
-                if h is not None and not pd.isna(h)
-            }
+            found = _household_set(self._family_members(conn, frontier))
             frontier = found - households
             households |= found
+        # Every member of every cluster that touches the closure: what the families are
+        # made of.
+        members = self._family_members(conn, households)
         if households:
-            conn.register("h", pd.DataFrame(list(households), columns=["c", "h"]))
-            conn.execute("DELETE FROM families WHERE (county, household) IN (SELECT c, h FROM h)")
+            conn.register("h", _key_table(households))
+            conn.execute(
+                "DELETE FROM families WHERE rowid IN (SELECT row_id FROM "
+                f"{keyed('families', 'county', 'household', 'h')})"
+            )
             conn.unregister("h")
         if len(members):
             hh = members[["county", "pseudonym", "household"]]
             families = link_families(members[["cluster_id", "county", "pseudonym"]], hh)
             if len(families):
                 conn.register("f", families)
-                conn.execute(
-                    "INSERT OR REPLACE INTO families SELECT family_id, county, household FROM f"
-                )
+                # Every household here was deleted above (the closure holds them all), so a
+                # plain insert: DuckDB's upsert costs ten times as much.
+                conn.execute("INSERT INTO families SELECT family_id, county, household FROM f")
                 conn.unregister("f")
         return households
 
@@ -460,10 +535,10 @@ class LinkIndex:
             else:
                 ids = [alert_id_for("person", c, p) for c, p in records]
                 ids += [alert_id_for("family", c, h) for c, h in (households or [])]
-                conn.register("ids", pd.DataFrame({"alert_id": ids}))
+                conn.register("ids", pa.table({"alert_id": pa.array(ids, pa.string())}))
                 current = conn.execute(
                     "SELECT alert_id, version, state, digest FROM alerts "
-                    "SEMI JOIN ids USING (alert_id)"
+                    "WHERE alert_id IN (SELECT alert_id FROM ids)"  # the key index, no scan
                 ).fetchall()
                 conn.unregister("ids")
             existing = {a: (v, s, d) for a, v, s, d in current}
@@ -542,6 +617,7 @@ class LinkIndex:
                     "state = EXCLUDED.state, digest = EXCLUDED.digest, body = EXCLUDED.body, "
                     "attempts = 0, next_attempt_at = 0, updated_at = EXCLUDED.updated_at"
                 )
+                conn.execute("INSERT OR IGNORE INTO alerts_due SELECT alert_id FROM a")
                 conn.unregister("a")
                 queued = len(rows)
         return queued
@@ -556,29 +632,34 @@ class LinkIndex:
                 members = conn.execute("SELECT * FROM clusters").df()
                 fams = conn.execute("SELECT * FROM families").df()
             else:
-                keys = pd.DataFrame(list(records), columns=["c", "p"])
-                conn.register("q", keys)
+                conn.register("q", _key_table(records))
                 members = conn.execute(
-                    "SELECT * FROM clusters WHERE cluster_id IN (SELECT cluster_id FROM clusters "
-                    "WHERE (county, pseudonym) IN (SELECT c, p FROM q))"
+                    "SELECT * FROM clusters WHERE cluster_id IN (SELECT cluster_id FROM "
+                    f"{keyed('clusters', 'county', 'pseudonym', 'q')})"
                 ).df()
                 conn.unregister("q")
-                hh = pd.DataFrame(list(households or []), columns=["c", "h"])
-                conn.register("q", hh)
+                conn.register("q", _key_table(households or []))
                 fams = conn.execute(
-                    "SELECT * FROM families WHERE family_id IN (SELECT family_id FROM families "
-                    "WHERE (county, household) IN (SELECT c, h FROM q))"
+                    "SELECT * FROM families WHERE family_id IN (SELECT family_id FROM "
+                    f"{keyed('families', 'county', 'household', 'q')})"
                 ).df()
                 conn.unregister("q")
-            conn.register("m", members[["county", "pseudonym"]])
-            pairs = conn.execute(
-                "SELECT * FROM pairs WHERE (county_l, pseudonym_l) IN "
-                "(SELECT county, pseudonym FROM m)"
-            ).df()
-            conn.unregister("m")
+            if records is None:
+                pairs = conn.execute("SELECT * FROM pairs").df()
+            else:
+                members_keys = zip(members["county"], members["pseudonym"], strict=True)
+                conn.register("m", _key_table(members_keys))
+                pairs = conn.execute(
+                    "SELECT * EXCLUDE (row_id) FROM "
+                    f"{keyed('pairs', 'county_l', 'pseudonym_l', 'm')}"
+                ).df()
+                conn.unregister("m")
+            # The labelled alerts through the alerts' key index (a join would scan them all).
             labels = conn.execute(
+                "WITH a AS MATERIALIZED (SELECT alert_id, subject, county, kind FROM alerts "
+                "WHERE alert_id IN (SELECT alert_id FROM labels)) "
                 "SELECT a.subject, a.county, l.decision, a.kind FROM labels l "
-                "JOIN alerts a USING (alert_id) ORDER BY l.received_at"
+                "JOIN a USING (alert_id) ORDER BY l.received_at"
             ).df()
         cluster_of = {
             (c, p): cid
@@ -654,13 +735,22 @@ class LinkIndex:
     ) -> dict[str, float]:
         if fams.empty:
             return {}
+        conn = self.store.conn
         with self.store.lock:
-            self.store.conn.register("f", fams)
-            rows = self.store.conn.execute(
-                "SELECT f.family_id, t.source_dataset, t.pseudonym FROM f JOIN tokens t "
+            conn.register("f", fams)
+            conn.register("q", _key_table(zip(fams["county"], fams["household"], strict=True)))
+            # A few families: through the household index; all of them (a full link): a join.
+            tokens = (
+                keyed("tokens", "source_dataset", "household", "q") + " AS t"
+                if len(fams) <= 10_000
+                else "tokens t"
+            )
+            rows = conn.execute(
+                f"SELECT f.family_id, t.source_dataset, t.pseudonym FROM f JOIN {tokens} "
                 "ON t.source_dataset = f.county AND t.household = f.household"
             ).fetchall()
-            self.store.conn.unregister("f")
+            conn.unregister("q")
+            conn.unregister("f")
         out: dict[str, float] = {}
         for fid, county, pseudonym in rows:
             prob = best.get((county, pseudonym), (0.0, {}))[0]

@@ -4,6 +4,13 @@ It holds tokens and pseudonyms only. Tokens sit in one ``tokens`` table whose
 ``source_dataset`` column is the county, the shape Splink reads directly, so that the index
 is scored in place without copies. Every change that spans tables runs in one transaction,
 so a crash leaves either all of it or none; a batch is committed before it is acknowledged.
+
+Key epochs: ``tokens`` holds the current key epoch only (``meta.key_epoch``). While the
+federation secret is being rotated, batches of the next epoch are kept apart in
+``tokens_next`` (same shape, never scored), and each node's ``epoch_complete`` batch is noted
+in ``epoch_completions``. :meth:`MatcherStore.switch_epoch` then replaces ``tokens`` with
+``tokens_next`` in one transaction. Batches of an older epoch, or of one more than a step
+ahead, are refused (:class:`EpochRefused`); tombstones apply whatever their batch's epoch.
 """
 
 from __future__ import annotations
@@ -11,8 +18,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +27,48 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
-from federation.errors import StoreError
+from federation.errors import FederationError, StoreError
 from federation.protocol import TokenBatch
 from linkage.tokenise import TokenSpec
 
-__all__ = ["MatcherStore"]
+__all__ = ["EpochRefused", "MatcherStore"]
 
 _ID_COLUMNS = ("source_dataset", "pseudonym", "household", "role")
+_EPOCH_KEY = "key_epoch"
+
+
+class EpochRefused(FederationError):
+    """A token batch of a key epoch the matcher does not take (too old, or too far ahead)."""
+
+
+#: Single-column indexes for the incremental path's lookups (see :func:`keyed`).
+_LOOKUP_INDEXES = (
+    ("tokens", "pseudonym"),
+    ("tokens", "household"),
+    ("pairs", "pseudonym_l"),
+    ("pairs", "pseudonym_r"),
+    ("clusters", "pseudonym"),
+    ("clusters", "cluster_id"),
+    ("families", "household"),
+    ("families", "family_id"),
+)
+
+
+def keyed(table: str, county: str, key: str, keys: str) -> str:
+    """SQL for the rows of ``table`` (plus their ``row_id``) whose (``county``, ``key``) pair
+    is in the registered relation ``keys``, which has columns ``c`` and ``k``.
+
+    DuckDB uses an index only for a bare ``key IN (subquery)`` filter on an indexed column;
+    any other condition beside it, or a join, makes it scan the table. So the rows are found
+    through the index on ``key`` first (materialised, so the optimiser cannot fold the exact
+    filter back in), then cut to the exact pairs: a lookup at a million records takes a
+    millisecond or two instead of a scan of tens of milliseconds.
+    """
+    return (
+        f"(WITH hit AS MATERIALIZED (SELECT rowid AS row_id, * FROM {table} "
+        f"WHERE {key} IN (SELECT k FROM {keys})) "
+        f"SELECT * FROM hit SEMI JOIN {keys} AS kk ON hit.{county} = kk.c AND hit.{key} = kk.k)"
+    )
 
 
 class MatcherStore:
@@ -61,13 +103,18 @@ class MatcherStore:
             for c in self.token_columns
         )
         mws = ", ".join(f"{c} DOUBLE" for c in self.mw_columns)
-        with self.lock:
-            self.conn.execute(f"""
-                CREATE TABLE IF NOT EXISTS tokens (
+        token_table = f"""
                     source_dataset VARCHAR NOT NULL, pseudonym VARCHAR NOT NULL,
                     household VARCHAR, role VARCHAR, {tokens},
                     epoch INTEGER NOT NULL, batch_id VARCHAR NOT NULL, stored_at DOUBLE NOT NULL,
-                    PRIMARY KEY (source_dataset, pseudonym));
+                    PRIMARY KEY (source_dataset, pseudonym)"""
+        with self.lock:
+            self.conn.execute(f"""
+                CREATE TABLE IF NOT EXISTS tokens ({token_table});
+                CREATE TABLE IF NOT EXISTS tokens_next ({token_table});
+                CREATE TABLE IF NOT EXISTS epoch_completions (
+                    county VARCHAR NOT NULL, epoch INTEGER NOT NULL, batch_id VARCHAR NOT NULL,
+                    completed_at DOUBLE NOT NULL, PRIMARY KEY (county, epoch));
                 CREATE TABLE IF NOT EXISTS batches (
                     batch_id VARCHAR PRIMARY KEY, county VARCHAR NOT NULL,
                     upserts INTEGER, tombstones INTEGER, received_at DOUBLE);
@@ -95,7 +142,22 @@ class MatcherStore:
                     feedback_id VARCHAR PRIMARY KEY, alert_id VARCHAR NOT NULL,
                     county VARCHAR NOT NULL, decision VARCHAR NOT NULL, received_at DOUBLE);
                 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+                CREATE TABLE IF NOT EXISTS alerts_due (alert_id VARCHAR PRIMARY KEY);
             """)
+            # The alerts with a version not yet delivered, so that the deliverer's frequent
+            # look for work reads a few rows, not every alert. Rebuilt on opening: it can
+            # only be as wrong as the last run left it, and never wrong for long.
+            self.conn.execute("""
+                BEGIN TRANSACTION;
+                DELETE FROM alerts_due;
+                INSERT INTO alerts_due SELECT alert_id FROM alerts
+                    WHERE delivered_version IS NULL OR delivered_version < version;
+                COMMIT;
+            """)
+            for table, column in _LOOKUP_INDEXES:
+                self.conn.execute(
+                    f"CREATE INDEX IF NOT EXISTS {table}_{column} ON {table} ({column})"
+                )
 
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -118,50 +180,205 @@ class MatcherStore:
     def store_batch(self, batch: TokenBatch, *, epoch: int) -> tuple[bool, int]:
         """Store a token batch atomically; idempotent by ``batch_id``.
 
+        Upserts of the current key epoch go to ``tokens`` (and are queued for scoring);
+        upserts of the next epoch go to ``tokens_next``. The first batch a new store receives
+        sets its current epoch. Tombstones remove the record from both tables.
+
         Returns:
             ``(stored, count)``: ``stored`` is False when the batch was already stored.
+
+        Raises:
+            EpochRefused: The batch is of an older epoch than the current one, or more than
+                one ahead of it (nothing is stored).
         """
-        now = time.time()
         with self.transaction() as conn:
+            # Taken under the lock, so that queue times follow the order batches are stored
+            # in (a full link clears the queue up to the time it read the tokens).
+            now = time.time()
             seen = conn.execute(
                 "SELECT 1 FROM batches WHERE batch_id = ?", [batch.batch_id]
             ).fetchall()
             if seen:
                 return False, len(batch.rows) + len(batch.tombstones)
+            current = self._epoch(conn)
+            if current is None:
+                current = epoch
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta VALUES (?, ?)", [_EPOCH_KEY, str(current)]
+                )
+            if epoch < current:
+                raise EpochRefused(
+                    f"key epoch {epoch} is retired (the federation is at epoch {current}): "
+                    "re-tokenise with the federation's current secret"
+                )
+            if epoch > current + 1:
+                raise EpochRefused(
+                    f"key epoch {epoch} is not open (the federation is at epoch {current})"
+                )
+            table = "tokens" if epoch == current else "tokens_next"
             if batch.rows:
                 frame = self._batch_frame(batch, epoch=epoch, now=now)
                 conn.register("incoming", frame)
                 cols = ", ".join(frame.column_names)
-                conn.execute(
-                    "DELETE FROM tokens WHERE source_dataset = ? AND pseudonym IN "
-                    "(SELECT pseudonym FROM incoming)",
-                    [batch.county],
-                )
-                conn.execute(f"INSERT INTO tokens ({cols}) SELECT {cols} FROM incoming")
-                conn.execute(
-                    "INSERT OR REPLACE INTO pending SELECT source_dataset, pseudonym, ? "
-                    "FROM incoming",
-                    [now],
-                )
+                if table == "tokens":
+                    conn.register(
+                        "incoming_keys",
+                        pa.table({"c": frame["source_dataset"], "k": frame["pseudonym"]}),
+                    )
+                    conn.execute(
+                        "DELETE FROM tokens WHERE rowid IN (SELECT row_id FROM "
+                        f"{keyed('tokens', 'source_dataset', 'pseudonym', 'incoming_keys')})"
+                    )
+                    conn.unregister("incoming_keys")
+                else:
+                    conn.execute(
+                        f"DELETE FROM {table} WHERE source_dataset = ? AND pseudonym IN "
+                        "(SELECT pseudonym FROM incoming)",
+                        [batch.county],
+                    )
+                conn.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM incoming")
+                if table == "tokens":
+                    conn.execute(
+                        "INSERT OR REPLACE INTO pending SELECT source_dataset, pseudonym, ? "
+                        "FROM incoming",
+                        [now],
+                    )
                 conn.unregister("incoming")
             if batch.tombstones:
                 gone = pa.table({"pseudonym": pa.array(batch.tombstones, pa.string())})
                 conn.register("gone", gone)
-                conn.execute(
-                    "DELETE FROM tokens WHERE source_dataset = ? AND pseudonym IN "
-                    "(SELECT pseudonym FROM gone)",
-                    [batch.county],
-                )
+                for name in ("tokens", "tokens_next"):
+                    conn.execute(
+                        f"DELETE FROM {name} WHERE source_dataset = ? AND pseudonym IN "
+                        "(SELECT pseudonym FROM gone)",
+                        [batch.county],
+                    )
                 conn.execute(
                     "INSERT OR REPLACE INTO pending SELECT ?, pseudonym, ? FROM gone",
                     [batch.county, now],
                 )
                 conn.unregister("gone")
+            if batch.epoch_complete:
+                conn.execute(
+                    "INSERT OR IGNORE INTO epoch_completions VALUES (?, ?, ?, ?)",
+                    [batch.county, epoch, batch.batch_id, now],
+                )
             conn.execute(
                 "INSERT INTO batches VALUES (?, ?, ?, ?, ?)",
                 [batch.batch_id, batch.county, len(batch.rows), len(batch.tombstones), now],
             )
         return True, len(batch.rows) + len(batch.tombstones)
+
+    # --------------------------------------------------------------- key epochs
+    def _epoch(self, conn: duckdb.DuckDBPyConnection) -> int | None:
+        rows = conn.execute("SELECT value FROM meta WHERE key = ?", [_EPOCH_KEY]).fetchall()
+        if rows:
+            return int(rows[0][0])
+        # A store from before key epochs were tracked: its tokens' epoch.
+        found = conn.execute("SELECT max(epoch) FROM tokens").fetchall()
+        return None if found[0][0] is None else int(found[0][0])
+
+    def current_epoch(self) -> int | None:
+        """The key epoch linked on (None until the first batch arrives)."""
+        with self.lock:
+            return self._epoch(self.conn)
+
+    def epoch_progress(self) -> dict[str, Any]:
+        """Where a rotation stands: the current epoch, and the next one's progress.
+
+        Returns:
+            ``current`` (epoch or None); ``next`` (current + 1); ``completed``, the counties
+            that have published every record under the next epoch; ``holding``, the counties
+            with tokens of the current epoch (those the switch waits for); ``staged``, rows
+            held for the next epoch.
+        """
+        with self.lock:
+            current = self._epoch(self.conn)
+            nxt = None if current is None else current + 1
+            completed = [
+                str(r[0])
+                for r in self.conn.execute(
+                    "SELECT county FROM epoch_completions WHERE epoch = ? ORDER BY county",
+                    [nxt],
+                ).fetchall()
+            ]
+            holding = [
+                str(r[0])
+                for r in self.conn.execute(
+                    "SELECT DISTINCT source_dataset FROM tokens ORDER BY 1"
+                ).fetchall()
+            ]
+            staged = int(self.conn.execute("SELECT count(*) FROM tokens_next").fetchall()[0][0])
+        return {
+            "current": current,
+            "next": nxt,
+            "completed": completed,
+            "holding": holding,
+            "staged": staged,
+        }
+
+    def switch_epoch(self, epoch: int, *, awaited: Collection[str]) -> dict[str, int] | None:
+        """Make ``epoch`` (the next one) current, if it is due: its tokens replace the old.
+
+        It is due when at least one county has completed it and every county of
+        ``awaited`` that holds tokens of the current epoch has. Checked and done in one
+        transaction, so that no batch slips in between: every token row of the old epoch is
+        deleted, the staged rows of the new epoch become the index, every record is queued
+        for scoring (a full link then scores them all at once), and the epoch is recorded.
+        Pairs, clusters and families are left for that link to replace, so that cluster ids
+        carry over.
+
+        Args:
+            epoch: The epoch to switch to.
+            awaited: The counties that must have completed it (the registry's nodes).
+
+        Returns:
+            ``deleted`` (old token rows) and ``moved`` (new token rows), or None if the
+            switch is not due (nothing is changed).
+
+        Raises:
+            StoreError: If ``epoch`` is not the one after the current epoch.
+        """
+        with self.transaction() as conn:
+            now = time.time()
+            current = self._epoch(conn)
+            if current is None or epoch != current + 1:
+                raise StoreError(f"cannot switch to key epoch {epoch} from {current}")
+            completed = {
+                str(r[0])
+                for r in conn.execute(
+                    "SELECT county FROM epoch_completions WHERE epoch = ?", [epoch]
+                ).fetchall()
+            }
+            holding = {
+                str(r[0])
+                for r in conn.execute("SELECT DISTINCT source_dataset FROM tokens").fetchall()
+            }
+            if not completed or (holding & set(awaited)) - completed:
+                return None
+            deleted = int(conn.execute("SELECT count(*) FROM tokens").fetchall()[0][0])
+            moved = int(conn.execute("SELECT count(*) FROM tokens_next").fetchall()[0][0])
+            cols = ", ".join(
+                str(r[0])
+                for r in conn.execute(
+                    "SELECT column_name FROM information_schema.columns "
+                    "WHERE table_name = 'tokens' AND table_schema = current_schema() "
+                    "ORDER BY ordinal_position"
+                ).fetchall()
+            )
+            conn.execute("DELETE FROM tokens")
+            conn.execute(f"INSERT INTO tokens ({cols}) SELECT {cols} FROM tokens_next")
+            conn.execute("DELETE FROM tokens_next")
+            conn.execute("DELETE FROM pending")
+            conn.execute(
+                "INSERT INTO pending SELECT source_dataset, pseudonym, ? FROM tokens", [now]
+            )
+            conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [_EPOCH_KEY, str(epoch)])
+        # Fold the deletion into the file now rather than at the next automatic checkpoint;
+        # if another transaction is open, DuckDB does it when that one ends.
+        with self.lock, suppress(duckdb.Error):
+            self.conn.execute("CHECKPOINT")
+        return {"deleted": deleted, "moved": moved}
 
     def _batch_frame(self, batch: TokenBatch, *, epoch: int, now: float) -> pa.Table:
         columns = list(zip(*batch.rows, strict=True))
@@ -199,6 +416,7 @@ class MatcherStore:
             out: dict[str, Any] = {}
             for table in (
                 "tokens",
+                "tokens_next",
                 "batches",
                 "pending",
                 "pairs",

@@ -7,6 +7,7 @@ alerts come back and are shown re-identified to the county's own records.
 * :mod:`~federation.node.store`: the DuckDB tables (records, outbox, alerts, feedback, loads).
 * :mod:`~federation.node.ingest`: load an export, publish what changed since the last load.
 * :mod:`~federation.node.publisher`: send the outbox to the matcher until acknowledged.
+* :mod:`~federation.node.rotate`: re-tokenise every record under a new key epoch.
 * :mod:`~federation.node.app`: the HTTP API, and :func:`run` to serve it.
 
 Start a node with ``run(load_settings(NodeSettings, Path("node.toml")))``, or build the app with

@@ -24,7 +24,6 @@ runs the publisher); :func:`run` serves it with uvicorn.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import math
 import secrets
@@ -38,6 +37,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import duckdb
 import httpx
+import orjson
 import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import Depends, FastAPI, Request
@@ -54,6 +54,7 @@ from federation.metrics import LATENCY_BUCKETS, Exposition
 from federation.node.inbox import mount_inbox, start_inbox, stop_inbox
 from federation.node.ingest import ingest_file
 from federation.node.publisher import Publisher, load_identity
+from federation.node.rotate import rotate_if_needed
 from federation.node.store import NodeStore
 from federation.protocol import Ack, AlertBatch, AlertBody, FeedbackBody, WithdrawalBody
 from federation.registry import MATCHER_ID, Registry
@@ -108,6 +109,8 @@ class IngestRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(min_length=1)
     mapping: str | None = None
+    #: The file holds only new and changed records; records it omits are kept.
+    delta: bool = False
 
 
 # --------------------------------------------------------------------------- app
@@ -125,7 +128,8 @@ def open_node(settings: NodeSettings, client: httpx.Client) -> NodeContext:
 
     Raises:
         ConfigError: The registry, key, secret or token spec is missing or invalid, this
-            node is not in the registry, or its key is not the one the registry holds.
+            node is not in the registry, its key is not the one the registry holds, or the
+            secret's key epoch cannot follow the store's (see :mod:`federation.node.rotate`).
         StoreError: The store cannot be opened.
     """
     registry, private_key = load_identity(settings)
@@ -139,6 +143,15 @@ def open_node(settings: NodeSettings, client: httpx.Client) -> NodeContext:
     try:
         nonces = DuckDBNonceStore(store.conn, lock=store.lock, table=ALERT_NONCE_TABLE)
         audit = AuditLog(store.conn, lock=store.lock)
+        # A new key epoch: re-tokenise every record under it before serving (node/rotate.py).
+        rotate_if_needed(
+            store,
+            tokeniser,
+            county=settings.node_id,
+            batch_size=settings.batch_size,
+            seed=settings.tokenise_seed,
+            audit=audit,
+        )
         publisher = Publisher(store, settings, registry, private_key, client)
     except BaseException:
         store.close()
@@ -328,7 +341,7 @@ def _receive_alert(node: NodeContext, raw: bytes) -> JSONResponse:
     """Verify, validate and store an alert or withdrawal; answer with a signed ack."""
     node_id = node.settings.node_id
     try:
-        envelope = json.loads(raw)
+        envelope = orjson.loads(raw)
     except (ValueError, RecursionError):
         raise AuthError("body is not a JSON envelope") from None
     kind = envelope.get("kind") if isinstance(envelope, dict) else None
@@ -443,6 +456,7 @@ def _ingest(node: NodeContext, request: IngestRequest) -> dict[str, Any]:
             mapping=mapping,
             batch_size=settings.batch_size,
             seed=settings.tokenise_seed,
+            delta=request.delta,
         )
     except LinkageError as e:
         # Linkage errors name the file and the problem, never the file's data.

@@ -17,7 +17,9 @@ row is reported, but does not withdraw a live alert.
 Whether a record changed is decided by a content hash over its normalised values (plus the
 token spec's fingerprint and key epoch, so that a new spec or epoch republishes everything).
 Display-only changes (a name's capitals, say) update the county's inbox view without
-republishing tokens.
+republishing tokens. Each record's normalised values are kept too (``records.normalised``), so
+that a new key epoch can re-tokenise every record without an export
+(:mod:`federation.node.rotate`); a record stored before they were kept gets them at its next load.
 
 Records, quarantine rows, token batches and the load's counts are written in one transaction
 (:meth:`NodeStore.write_load`); the publisher sends the batches afterwards.
@@ -45,7 +47,7 @@ from linkage.pipeline import ID_COLUMNS, PreparedCounty, Stages, prepare_county
 from linkage.records import ColumnMapping, read_county_file
 from linkage.tokenise import Tokeniser
 
-__all__ = ["DEFAULT_BATCH_SIZE", "IngestReport", "ingest_file"]
+__all__ = ["DEFAULT_BATCH_SIZE", "IngestReport", "content_hashes", "ingest_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +109,7 @@ def ingest_file(
     batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int | None = None,
     progress: ProgressHook | None = None,
+    delta: bool = False,
 ) -> IngestReport:
     """Load a county export and queue token batches for what changed since the last load.
 
@@ -120,6 +123,9 @@ def ingest_file(
         seed: Seed for the Bloom-filter bit flips (demos and tests only).
         progress: Called as ``progress(stage, None)`` when a stage starts and
             ``progress(stage, seconds)`` when it ends.
+        delta: The file holds only new and changed records (a daily feed, say): records
+            it does not mention are kept rather than withdrawn. By default a load is the
+            county's whole caseload, and a record missing from it is withdrawn.
 
     Returns:
         The load's report.
@@ -154,7 +160,14 @@ def ingest_file(
                 seed=seed,
             )
         with stages("compare"):
-            plan = _plan(prepared, raw, known, tokeniser)
+            plan = _plan(
+                prepared,
+                raw,
+                known,
+                tokeniser,
+                store.records_without_normalised(),
+                withdraw_missing=not delta,
+            )
             messages = _batches(
                 prepared.tokens[plan.upsert],
                 plan.tombstone_pseudonyms,
@@ -218,15 +231,26 @@ class _Plan:
 
 
 def _plan(
-    prepared: PreparedCounty, raw: pd.DataFrame, known: pd.DataFrame, tokeniser: Tokeniser
+    prepared: PreparedCounty,
+    raw: pd.DataFrame,
+    known: pd.DataFrame,
+    tokeniser: Tokeniser,
+    unnormalised: set[str] | None = None,
+    *,
+    withdraw_missing: bool = True,
 ) -> _Plan:
-    """Compare the accepted records with the store's: what to insert, update, tombstone."""
+    """Compare the accepted records with the store's: what to insert, update, tombstone.
+
+    ``unnormalised`` are ids of stored records without normalised values: they are updated
+    (to store them) even when nothing else changed.
+    """
     records = prepared.normalised.records.reset_index(drop=True)
     columns = ["record_id", "pseudonym", "household_id", "household"]
     current = prepared.identities.loc[:, columns].reset_index(drop=True)
-    content_hash, display = _describe(records, raw, tokeniser)
+    content_hash, display, normalised = _describe(records, raw, tokeniser)
     current["content_hash"] = content_hash.to_numpy()
     current["display"] = display.to_numpy()
+    current["normalised"] = normalised.to_numpy()
     old = known.set_index("record_id")
     old_hash = current["record_id"].map(old["content_hash"])
     old_display = current["record_id"].map(old["display"])
@@ -235,12 +259,16 @@ def _plan(
     is_new = old_hash.isna().to_numpy()
     changed = ~is_new & ((current["content_hash"] != old_hash).to_numpy() | ~was_active)
     display_only = ~is_new & ~changed & (current["display"] != old_display).to_numpy()
+    if unnormalised:
+        display_only |= ~is_new & ~changed & current["record_id"].isin(unnormalised).to_numpy()
     upsert = is_new | changed
 
     present = set(current["record_id"])
     # A quarantined row's record keeps its last accepted version rather than being withdrawn.
     present.update(i.record_id for i in prepared.normalised.quarantined if i.record_id)
     gone = known[known["active"].astype(bool) & ~known["record_id"].isin(present)]
+    if not withdraw_missing:
+        gone = gone.iloc[0:0]
     return _Plan(
         upsert=upsert,
         inserts=current[is_new].reset_index(drop=True),
@@ -252,22 +280,23 @@ def _plan(
 
 def _describe(
     records: pd.DataFrame, raw: pd.DataFrame, tokeniser: Tokeniser
-) -> tuple[pd.Series, pd.Series]:
-    """Each accepted record's content hash and its display JSON, in record order.
+) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """Each accepted record's content hash, display JSON and normalised JSON, in record order.
 
     The content hash is SHA-256 over the normalised values (:data:`_NOT_HASHED` aside), the
     token spec's fingerprint and the key epoch. The display JSON is the county's own view of
     the record for its inbox: names as its system spells them (``display_*`` from
     normalisation; middle names and the address from the export, trimmed), and the
-    standardised date of birth, sex, NHS number, postcode and role.
+    standardised date of birth, sex, NHS number, postcode and role. The normalised JSON holds
+    exactly the hashed values, by column name: what re-tokenising under a new key epoch reads.
 
-    Both are computed by an in-memory DuckDB, which does it column-wise in a fraction of the
+    All are computed by an in-memory DuckDB, which does it column-wise in a fraction of the
     time per-row Python takes.
     """
     if not len(records):
-        return pd.Series([], dtype="string"), pd.Series([], dtype="string")
+        empty = pd.Series([], dtype="string")
+        return empty, empty, empty
     hashed = sorted(c for c in records.columns if c not in _NOT_HASHED)
-    prefix = f"{tokeniser.spec.fingerprint}|{tokeniser.epoch}|{','.join(hashed)}"
     source = raw.set_index("row_number").reindex(records["row_number"].to_numpy())
 
     def original(column: str) -> pd.Series:
@@ -280,9 +309,10 @@ def _describe(
     frame["d_middle"] = original("middle_names")
     frame["d_family"] = records["display_family_name"].to_numpy()
     frame["d_address"] = original("address")
-    values = ", ".join(f"coalesce(h{i}::VARCHAR, chr(0))" for i in range(len(hashed)))
+    kept = ", ".join(f"'{c}', h{i}::VARCHAR" for i, c in enumerate(hashed))
     sql = f"""
-        SELECT sha256(concat_ws(chr(31), ?, {values})) AS content_hash,
+        SELECT {_hash_sql(hashed)} AS content_hash,
+               json_object({kept})::VARCHAR AS normalised,
                json_object(
                    'given_name', d_given, 'middle_names', d_middle, 'family_name', d_family,
                    'date_of_birth', {_col(hashed, "date_of_birth")},
@@ -298,8 +328,37 @@ def _describe(
     with duckdb.connect() as conn:
         # Through Arrow: DuckDB scans Python string objects one by one, Arrow in bulk.
         conn.register("describe_input", pa.Table.from_pandas(frame, preserve_index=False))
-        out = conn.execute(sql, [prefix]).df()
-    return out["content_hash"], out["display"]
+        out = conn.execute(sql, [_hash_prefix(hashed, tokeniser)]).df()
+    return out["content_hash"], out["display"], out["normalised"]
+
+
+def content_hashes(normalised: pd.DataFrame, tokeniser: Tokeniser) -> pd.Series:
+    """Content hashes of records given by their normalised values (as ``records.normalised``
+    keeps them, one column each), exactly as a load under ``tokeniser`` computes them."""
+    if not len(normalised):
+        return pd.Series([], dtype="string")
+    hashed = sorted(normalised.columns)
+    frame = normalised.loc[:, hashed].astype(object).reset_index(drop=True)
+    frame.columns = [f"h{i}" for i in range(len(hashed))]
+    frame["ordinal"] = range(len(frame))
+    with duckdb.connect() as conn:
+        conn.register("describe_input", pa.Table.from_pandas(frame, preserve_index=False))
+        out = conn.execute(
+            f"SELECT {_hash_sql(hashed)} FROM describe_input ORDER BY ordinal",
+            [_hash_prefix(hashed, tokeniser)],
+        ).fetchall()
+    return pd.Series([row[0] for row in out], dtype=object)
+
+
+def _hash_prefix(hashed: list[str], tokeniser: Tokeniser) -> str:
+    """What the content hash covers besides the values: spec, key epoch and column names."""
+    return f"{tokeniser.spec.fingerprint}|{tokeniser.epoch}|{','.join(hashed)}"
+
+
+def _hash_sql(hashed: list[str]) -> str:
+    """SQL of the content hash over columns ``h0..`` (the prefix is the one parameter)."""
+    values = ", ".join(f"coalesce(h{i}::VARCHAR, chr(0))" for i in range(len(hashed)))
+    return f"sha256(concat_ws(chr(31), ?, {values}))"
 
 
 def _col(hashed: list[str], name: str) -> str:
@@ -314,8 +373,12 @@ def _batches(
     county: str,
     tokeniser: Tokeniser,
     batch_size: int,
+    epoch_complete: bool = False,
 ) -> list[tuple[str, MessageKind, str]]:
     """Token batch bodies (JSON text) for the upserts and then the tombstones, in order.
+
+    With ``epoch_complete`` the last batch says so (one empty batch if there is nothing to
+    send): the node has now published every record under the tokeniser's key epoch.
 
     The batch's own fields are validated by :class:`TokenBatch`; its rows, millions of
     integers for a large load, are rendered to JSON by DuckDB, which is several times faster
@@ -334,7 +397,8 @@ def _batches(
     )
     n_rows, total = len(rows), len(rows) + len(tombstones)
     out: list[tuple[str, MessageKind, str]] = []
-    for start in range(0, total, batch_size):
+    starts = list(range(0, total, batch_size)) or ([0] if epoch_complete else [])
+    for start in starts:
         end = min(start + batch_size, total)
         batch = TokenBatch.model_validate(
             {
@@ -344,6 +408,7 @@ def _batches(
                 "columns": columns,
                 "rows": [],
                 "tombstones": tombstones[max(0, start - n_rows) : max(0, end - n_rows)],
+                "epoch_complete": epoch_complete and start == starts[-1],
             }
         )
         header = batch.model_dump_json(by_alias=True)

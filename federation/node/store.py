@@ -6,7 +6,8 @@ one). The nonce stores and the audit log share ``conn`` and ``lock``. Tables::
 
     records     record_id PK, pseudonym UNIQUE, household_id, household, content_hash,
                 display (JSON: the county's own plaintext, shown only in its own inbox),
-                active, updated_at
+                active, updated_at, normalised (JSON: the normalised values the tokens are
+                made from, kept so that a new key epoch can re-tokenise without an export)
     outbox      seq, message_id PK, kind (token_batch | feedback), body (JSON text),
                 status (pending | acked), attempts, next_attempt_at, created_at, acked_at,
                 last_error
@@ -15,10 +16,12 @@ one). The nonce stores and the audit log share ``conn`` and ``lock``. Tables::
     feedback    feedback_id PK, alert_id, decision, note (never leaves the node), created_at
     quarantine  load_id, row_number, record_id, reason
     loads       load_id PK, file_name, started_at, finished_at, counts (JSON)
+    key_epochs  epoch PK, started_at, records: each key epoch the node has published under
+                (the newest is the current one)
 
-Personal data lives in ``records.display`` and ``feedback.note`` only (record and household
-ids are the county's own references); ``outbox`` holds exactly what will be sent: pseudonyms,
-keyed tokens, decisions. Records are never deleted: a
+Personal data lives in ``records.display``, ``records.normalised`` and ``feedback.note`` only
+(record and household ids are the county's own references); ``outbox`` holds exactly what
+will be sent: pseudonyms, keyed tokens, decisions. Records are never deleted: a
 record removed from the county's export is marked inactive, so it keeps its pseudonym if it
 comes back and its alerts can still be shown.
 
@@ -61,6 +64,8 @@ SNAPSHOT_COLUMNS = (
 )
 #: Columns of the frames given to :meth:`NodeStore.write_load` (new and updated records).
 RECORD_COLUMNS = ("record_id", "pseudonym", "household_id", "household", "content_hash", "display")
+#: A further column those frames may have: the normalised values as JSON (see ``records``).
+NORMALISED_COLUMN = "normalised"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -120,6 +125,12 @@ CREATE TABLE IF NOT EXISTS loads (
     finished_at DOUBLE NOT NULL,
     counts JSON NOT NULL
 );
+ALTER TABLE records ADD COLUMN IF NOT EXISTS normalised VARCHAR;
+CREATE TABLE IF NOT EXISTS key_epochs (
+    epoch INTEGER PRIMARY KEY,
+    started_at DOUBLE NOT NULL,
+    records BIGINT NOT NULL
+);
 """
 
 
@@ -151,7 +162,8 @@ class LoadChanges:
         file_name: The file loaded (for the operator; no data from it).
         started_at: When the load began.
         counts: The load's counts (JSON-ready), kept in ``loads``.
-        inserts: New records, columns :data:`RECORD_COLUMNS`.
+        inserts: New records, columns :data:`RECORD_COLUMNS` (and optionally
+            :data:`NORMALISED_COLUMN`).
         updates: Known records whose content or display changed, or that came back; same
             columns. Their pseudonyms and record ids are not changed.
         tombstones: Record ids to mark inactive.
@@ -257,10 +269,11 @@ class NodeStore:
             StoreError: If anything fails; nothing is then written.
         """
         now = time.time() if now is None else now
-        cols = ", ".join(RECORD_COLUMNS)
         with self._transaction("write the load") as conn:
             if len(changes.inserts):
-                conn.register("load_inserts", changes.inserts.loc[:, list(RECORD_COLUMNS)])
+                columns = _record_columns(changes.inserts)
+                cols = ", ".join(columns)
+                conn.register("load_inserts", changes.inserts.loc[:, columns])
                 conn.execute(
                     f"INSERT INTO records ({cols}, active, updated_at) "
                     f"SELECT {cols}, true, ? FROM load_inserts",
@@ -269,11 +282,14 @@ class NodeStore:
                 conn.unregister("load_inserts")
             if len(changes.updates):
                 # Pseudonym and record id are never updated: a record keeps its pseudonym.
-                conn.register("load_updates", changes.updates.loc[:, list(RECORD_COLUMNS)])
+                columns = _record_columns(changes.updates)
+                normalised = ", normalised = u.normalised" if NORMALISED_COLUMN in columns else ""
+                conn.register("load_updates", changes.updates.loc[:, columns])
                 conn.execute(
                     "UPDATE records SET household_id = u.household_id, household = u.household, "
-                    "content_hash = u.content_hash, display = u.display, active = true, "
-                    "updated_at = ? FROM load_updates u WHERE records.record_id = u.record_id",
+                    f"content_hash = u.content_hash, display = u.display{normalised}, "
+                    "active = true, updated_at = ? FROM load_updates u "
+                    "WHERE records.record_id = u.record_id",
                     [now],
                 )
                 conn.unregister("load_updates")
@@ -309,6 +325,73 @@ class NodeStore:
                     json.dumps(dict(changes.counts)),
                 ],
             )
+
+    def records_without_normalised(self) -> set[str]:
+        """Ids of records stored before the node kept their normalised values."""
+        with self._locked("read records") as conn:
+            rows = conn.execute("SELECT record_id FROM records WHERE normalised IS NULL").fetchall()
+        return {str(r[0]) for r in rows}
+
+    # ------------------------------------------------------------------ key epochs
+
+    def key_epoch(self) -> int | None:
+        """The key epoch the node publishes under (None before its first start)."""
+        with self._locked("read the key epoch") as conn:
+            rows = conn.execute("SELECT max(epoch) FROM key_epochs").fetchall()
+        return None if not rows or rows[0][0] is None else int(rows[0][0])
+
+    def records_to_retokenise(self) -> pd.DataFrame:
+        """Every active record with what re-tokenising it needs, in record id order.
+
+        Returns:
+            ``record_id, pseudonym, household, normalised`` (``normalised`` is None for a
+            record stored before the node kept normalised values).
+        """
+        with self._locked("read records") as conn:
+            frame = conn.execute(
+                "SELECT record_id, pseudonym, household, normalised FROM records "
+                "WHERE active ORDER BY record_id"
+            ).df()
+        return frame.astype(object)
+
+    def start_key_epoch(
+        self,
+        epoch: int,
+        *,
+        content_hashes: pd.DataFrame | None = None,
+        messages: Sequence[tuple[str, MessageKind, str]] = (),
+        now: float | None = None,
+    ) -> None:
+        """Move the node to key epoch ``epoch``, atomically with what re-tokenising produced.
+
+        Args:
+            epoch: The new epoch; it must be above the current one (if any).
+            content_hashes: ``record_id, content_hash`` under the new epoch, so that the next
+                load finds the re-tokenised records unchanged.
+            messages: The token batches re-publishing every active record, in order.
+            now: Time; defaults to ``time.time()``.
+
+        Raises:
+            StoreError: If the epoch is not above the current one, or anything fails
+                (nothing is then written).
+        """
+        now = time.time() if now is None else now
+        hashes = content_hashes if content_hashes is not None else pd.DataFrame()
+        with self._transaction("start the key epoch") as conn:
+            rows = conn.execute("SELECT max(epoch) FROM key_epochs").fetchall()
+            current = None if not rows or rows[0][0] is None else int(rows[0][0])
+            if current is not None and epoch <= current:
+                raise StoreError(f"key epoch {epoch} is not after the current epoch {current}")
+            if len(hashes):
+                conn.register("epoch_hashes", hashes.loc[:, ["record_id", "content_hash"]])
+                conn.execute(
+                    "UPDATE records SET content_hash = h.content_hash FROM epoch_hashes h "
+                    "WHERE records.record_id = h.record_id"
+                )
+                conn.unregister("epoch_hashes")
+            for message_id, kind, body in messages:
+                self._enqueue(conn, message_id, kind, body, now)
+            conn.execute("INSERT INTO key_epochs VALUES (?, ?, ?)", [epoch, now, len(hashes)])
 
     def quarantine(self, load_id: str) -> pd.DataFrame:
         """The quarantined rows of one load: ``row_number, record_id, reason``."""
@@ -710,8 +793,10 @@ class NodeStore:
                 "SELECT load_id, file_name, started_at, finished_at, counts FROM loads "
                 "ORDER BY finished_at DESC LIMIT 1"
             ).fetchone()
+            epoch = conn.execute("SELECT max(epoch) FROM key_epochs").fetchall()[0]
         assert records is not None and outbox is not None and alerts is not None
         return {
+            "key_epoch": None if epoch[0] is None else int(epoch[0]),
             "records": {"active": int(records[0]), "inactive": int(records[1])},
             "outbox": {
                 "pending": int(outbox[0]),
@@ -729,3 +814,10 @@ class NodeStore:
                 "counts": json.loads(last[4]),
             },
         }
+
+
+def _record_columns(frame: pd.DataFrame) -> list[str]:
+    """The record columns a load frame carries: :data:`RECORD_COLUMNS`, and the normalised
+    values when it has them."""
+    extra = [NORMALISED_COLUMN] if NORMALISED_COLUMN in frame.columns else []
+    return [*RECORD_COLUMNS, *extra]

@@ -162,6 +162,25 @@ def test_second_load_publishes_only_the_changes(
     assert _pseudonyms(store)[removed_ids[0]] == before[removed_ids[0]]
 
 
+def test_a_delta_load_publishes_its_records_and_withdraws_nothing(
+    store: NodeStore, tokeniser: Tokeniser, export: pd.DataFrame, tmp_path: Path
+) -> None:
+    _ingest(store, _write(export, tmp_path / "all.csv"), tokeniser)
+    queued = {e.message_id for e in store.pending()}
+    feed = export.iloc[5:7].copy()
+    feed["family_name"] = "Zebedee-Quinton"  # two changed records ...
+    new = export.iloc[40:41].copy()
+    new["record_id"] = "NEW-1"  # ... and a new one; nothing else is mentioned
+    report = _ingest(
+        store, _write(pd.concat([feed, new]), tmp_path / "feed.csv"), tokeniser, delta=True
+    )
+    assert (report.upserts, report.tombstones, report.unchanged) == (3, 0, 0)
+    [batch] = [b for b in _batches(store) if b.batch_id not in queued]
+    assert not batch.tombstones and len(batch.rows) == 3
+    assert all(_active(store).values())
+    assert store.status()["records"] == {"active": len(export) + 1, "inactive": 0}
+
+
 def test_quarantined_rows_are_recorded_and_do_not_withdraw_records(
     store: NodeStore, tokeniser: Tokeniser, export: pd.DataFrame, tmp_path: Path
 ) -> None:

@@ -443,3 +443,13 @@ def test_require_sender_is_checks_body_claims() -> None:
         now=NOW,
     )
     require_sender_is(alert, "matcher", body_fields=())
+
+
+def test_signed_bytes_splice_equals_the_canonical_envelope() -> None:
+    # sign() and verify() encode the body once and splice it in; that must be exactly the
+    # canonical form of every signed field together.
+    from federation.signing import SignedEnvelope, _signed_bytes
+
+    envelope = SignedEnvelope.parse(_envelope())
+    spliced = _signed_bytes(envelope, canonical_bytes(envelope.body))
+    assert spliced == canonical_bytes(envelope._signed_fields())
