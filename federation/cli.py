@@ -489,8 +489,13 @@ def audit_verify(
 ) -> None:
     """Check a stopped service's audit log for edited, removed or reordered entries."""
     from federation.audit import verify_audit_file
+    from federation.errors import StoreError
 
-    report = verify_audit_file(database)
+    try:
+        report = verify_audit_file(database)
+    except StoreError as e:  # no such file, not a DuckDB file, no audit log in it
+        _fail(str(e))
+        return
     for problem in report.problems:
         console.print(f"[red]{problem}[/]")
     console.print(f"{report.entries} entries; {'intact' if report.ok else 'TAMPERED'}")

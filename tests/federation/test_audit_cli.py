@@ -163,3 +163,10 @@ def test_the_copy_can_be_checked_while_the_node_holds_its_file(
         assert f"{ENTRIES + 1} entries; intact" in result.output
     finally:
         store.close()
+
+
+def test_cli_names_a_missing_file_without_a_traceback(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["audit", "verify", str(tmp_path / "none.duckdb")])
+    assert result.exit_code == 2  # not 1: nothing was found tampered, there was nothing to read
+    output = " ".join(result.output.split())
+    assert "no such database file" in output and "Traceback" not in output
