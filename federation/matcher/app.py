@@ -66,6 +66,10 @@ class _Metrics:
     delivery_seconds: Histogram = field(default_factory=Histogram)
 
 
+#: Up to this many undelivered alerts are read through the key index; more, by a scan.
+_DUE_BY_INDEX = 5_000
+
+
 class Matcher:
     """The matcher's moving parts, shared by the routes and the background threads."""
 
@@ -193,23 +197,42 @@ class Matcher:
             How many alert messages were acknowledged.
         """
         now = time.time()
+        conn = self.store.conn
         with self.store.lock:
-            # Through alerts_due and the alerts' key index: a scan of every alert, several
-            # times a second, would cost a core at a million records.
-            due = self.store.conn.execute(
-                "WITH due AS MATERIALIZED (SELECT * FROM alerts "
-                "  WHERE alert_id IN (SELECT alert_id FROM alerts_due)) "
-                "SELECT county, alert_id, version, state, body, attempts, updated_at FROM ("
-                "  SELECT *, row_number() OVER (PARTITION BY county ORDER BY updated_at) AS n"
-                "  FROM due WHERE (delivered_version IS NULL OR delivered_version < version)"
-                "  AND next_attempt_at <= ?) WHERE n <= ? ORDER BY county, updated_at",
-                [now, limit],
+            # alerts_due names the alerts with a version not yet delivered: usually none, and
+            # this runs several times a second, so it must not touch the alerts table then.
+            waiting = [row[0] for row in conn.execute("SELECT alert_id FROM alerts_due").fetchall()]
+            if not waiting:
+                return 0
+            if len(waiting) > _DUE_BY_INDEX:
+                # A backlog (after a full link): choose each county's oldest on the small
+                # columns, then read just those bodies.
+                waiting = [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT alert_id FROM (SELECT alert_id, row_number() OVER "
+                        "(PARTITION BY county ORDER BY updated_at) AS n FROM alerts "
+                        "WHERE (delivered_version IS NULL OR delivered_version < version) "
+                        "AND next_attempt_at <= ?) WHERE n <= ?",
+                        [now, limit],
+                    ).fetchall()
+                ]
+            # By the key index (a bare IN list; see store.keyed).
+            rows = conn.execute(
+                "SELECT county, alert_id, version, state, body, attempts, updated_at, "
+                "delivered_version, next_attempt_at FROM alerts "
+                "WHERE alert_id IN (SELECT unnest(?))",
+                [waiting],
             ).fetchall()
+        due = sorted(
+            (row[:7] for row in rows if (row[7] is None or row[7] < row[2]) and row[8] <= now),
+            key=lambda row: (row[0], row[6]),  # each county's oldest first
+        )
         by_county: dict[str, list[tuple[str, int, str, str, int, float]]] = {}
         for county, alert_id, version, state, body, attempts, queued_at in due:
-            by_county.setdefault(county, []).append(
-                (alert_id, version, state, body, attempts, queued_at)
-            )
+            batch = by_county.setdefault(county, [])
+            if len(batch) < limit:
+                batch.append((alert_id, version, state, body, attempts, queued_at))
         if not by_county:
             return 0
         with ThreadPoolExecutor(max_workers=min(8, len(by_county))) as pool:

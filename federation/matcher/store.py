@@ -154,6 +154,9 @@ class MatcherStore:
                     WHERE delivered_version IS NULL OR delivered_version < version;
                 COMMIT;
             """)
+            # Let DuckDB answer IN lists of up to 10,000 keys through an index (2,048 by
+            # default): a backlog's alert batches and a token batch's records.
+            self.conn.execute("SET index_scan_max_count = 10000")
             for table, column in _LOOKUP_INDEXES:
                 self.conn.execute(
                     f"CREATE INDEX IF NOT EXISTS {table}_{column} ON {table} ({column})"
