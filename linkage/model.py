@@ -21,6 +21,7 @@ import copy
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +32,30 @@ import pandas as pd
 from splink.internals.exceptions import SplinkException
 
 from linkage.errors import ModelError
-from linkage.tokenise import BloomSpec
+from linkage.tokenise import BloomSpec, TokenSpec
 
-__all__ = ["DEFAULT_THRESHOLD", "LinkageModel", "TrainingOptions", "model_settings"]
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "LinkageModel",
+    "TrainingOptions",
+    "blocking_rules",
+    "model_settings",
+]
 
 logger = logging.getLogger(__name__)
+
+
+def _expected_em_gap(record: logging.LogRecord) -> bool:
+    """Drop Splink's "Level ... not observed in dataset, unable to train m value" warnings.
+
+    Each EM pass blocks on some fields (the NHS number, or the date of birth and a name
+    token), so the levels where those fields disagree cannot occur in it; their m comes from
+    the other pass. The warnings are expected on every training and only alarm users.
+    """
+    return "not observed in dataset" not in record.getMessage()
+
+
+logging.getLogger("splink.internals.expectation_maximisation").addFilter(_expected_em_gap)
 
 MODEL_FORMAT_VERSION = 1
 #: Used only until a model has calibrated its own threshold.
@@ -47,9 +67,20 @@ SOURCE = "source_dataset"
 #: enough to stay near linear in the size of the federation (counted at 1M records in
 #: BENCHMARKS.md): date of birth (day and month in either order) with either initial, which
 #: survives a new family name or a nickname; the NHS number; and phonetic names with any two
-#: of the three parts of the date of birth, which survives one mistyped part. Records with
-#: no date of birth block on their names alone.
+#: of the three parts of the date of birth, which survives one mistyped part. Each joins on
+#: one token that is already the conjunction (``linkage/tokenise.py``), so that no token of
+#: a name alone is published. Records with no date of birth block on their NHS number only.
 BLOCKING_RULES: tuple[str, ...] = (
+    "l.dobu_gi = r.dobu_gi",
+    "l.dobu_fi = r.dobu_fi",
+    "l.nhs = r.nhs",
+    "l.name_ym = r.name_ym",
+    "l.name_yd = r.name_yd",
+    "l.name_md = r.name_md",
+)
+#: The same conjunctions on the name-only tokens of token spec 1.x (``blk_gi``, ``blk_fi``,
+#: ``blk_name``), with names alone for records that have no date of birth.
+LEGACY_BLOCKING_RULES: tuple[str, ...] = (
     "l.dob_unordered = r.dob_unordered AND l.blk_gi = r.blk_gi",
     "l.dob_unordered = r.dob_unordered AND l.blk_fi = r.blk_fi",
     "l.nhs = r.nhs",
@@ -66,13 +97,73 @@ def _shared_bits(field_: str, words: int) -> str:
     )
 
 
-def _dice(field_: str, words: int) -> str:
-    return f"(2.0 * ({_shared_bits(field_, words)}) / ({field_}_bf_n_l + {field_}_bf_n_r))"
+# With bit flips (probability p, n bits), the observed shared bits and popcounts are biased
+# towards a random filter's. Their expectations are linear in the unflipped ones:
+#   E[pop'] = (1 - 2p) pop + n p,   E[shared'] = (1 - 2p)^2 shared + p (pop'_l + pop'_r) - n p^2,
+# so the matcher compares the unbiased estimates of the unflipped Dice and overlap: identical
+# names score about 1 whatever p is, and the level thresholds keep their meaning.
+def _dice(field_: str, bloom: BloomSpec) -> str:
+    words, p, n = bloom.words, bloom.flip_probability, bloom.bits
+    total = f"({field_}_bf_n_l + {field_}_bf_n_r)"
+    if not p:
+        return f"(2.0 * ({_shared_bits(field_, words)}) / {total})"
+    return (
+        f"(2.0 * (({_shared_bits(field_, words)}) - {p!r} * {total} + {n * p * p!r})"
+        f" / ({1 - 2 * p!r} * GREATEST({total} - {2 * n * p!r}, 1.0)))"
+    )
 
 
-def _overlap(field_: str, words: int) -> str:
+def _overlap(field_: str, bloom: BloomSpec) -> str:
+    words, p, n = bloom.words, bloom.flip_probability, bloom.bits
     least = f"LEAST({field_}_bf_n_l, {field_}_bf_n_r)"
-    return f"(1.0 * ({_shared_bits(field_, words)}) / {least})"
+    if not p:
+        return f"(1.0 * ({_shared_bits(field_, words)}) / {least})"
+    total = f"({field_}_bf_n_l + {field_}_bf_n_r)"
+    return (
+        f"((({_shared_bits(field_, words)}) - {p!r} * {total} + {n * p * p!r})"
+        f" / ({1 - 2 * p!r} * GREATEST({least} - {n * p!r}, 1.0)))"
+    )
+
+
+#: When two records' filters under a salt were keyed by the same salt value, told by
+#: date-of-birth tokens (conditions that imply equal salts; records without a date of birth
+#: share the empty salt).
+_SAME_SALT = {
+    "ym": "dob_ym_l = dob_ym_r",
+    "yd": "dob_yd_l = dob_yd_r",
+    "year": "(dob_ym_l = dob_ym_r OR dob_yd_l = dob_yd_r)",
+    "mdu": "(dob_md_l = dob_md_r OR dob_unordered_l = dob_unordered_r)",
+    "dmu": "dob_dmu_l = dob_dmu_r",
+}
+_BOTH_UNDATED = "(dob_l IS NULL AND dob_r IS NULL)"
+
+
+def _similarity(field_: str, bloom: BloomSpec, measure: Any) -> str:
+    """A name field's similarity over its salted filters: the mean over the salts whose
+    values agree for the pair, or -1 when none does (the names cannot be compared)."""
+    if not bloom.salts:
+        return str(measure(field_, bloom))
+    same = _same_salts(bloom)
+    total = " + ".join(
+        f"CASE WHEN {c} THEN {measure(f'{field_}_{s}', bloom)} ELSE 0.0 END"
+        for c, s in zip(same, bloom.salts, strict=True)
+    )
+    count = " + ".join(f"CASE WHEN {c} THEN 1 ELSE 0 END" for c in same)
+    return f"COALESCE(({total}) / NULLIF({count}, 0), -1.0)"
+
+
+def _same_salts(bloom: BloomSpec) -> list[str]:
+    return [f"({_SAME_SALT[s]} OR {_BOTH_UNDATED})" for s in bloom.salts]
+
+
+def _missing_name(field_: str, bloom: BloomSpec) -> str:
+    """A name missing on either side or, with salted filters, under no common salt value
+    (told from date tokens alone, so that most random pairs never compute a Dice)."""
+    popcounts = [f"{field_}{v}_bf_n" for v in bloom.views]
+    if not bloom.salts:
+        return _null(*popcounts)
+    comparable = " OR ".join(_same_salts(bloom))
+    return f"{_null(*popcounts)} OR NOT COALESCE({comparable}, FALSE)"
 
 
 #: A name whose share of its county's records is at least 2**-COMMON_CLASS on both sides.
@@ -94,16 +185,30 @@ def _level(sql: str, label: str, *, null: bool = False) -> dict[str, Any]:
     return level
 
 
-def _comparisons(bloom: BloomSpec) -> list[dict[str, Any]]:
-    w = bloom.words
-    given, family = _dice("given", w), _dice("family", w)
+def _comparisons(bloom: BloomSpec, *, frequency_classes: bool) -> list[dict[str, Any]]:
+    given, family = _similarity("given", bloom, _dice), _similarity("family", bloom, _dice)
+    surnames = _similarity("surnames", bloom, _overlap)
+    # With salted filters, "missing" also covers names that cannot be compared: no salt
+    # value (part of the date of birth) agrees, so the filters are unrelated. The label stays
+    # "missing" (alert explanations and analysts' notebooks read it).
+    missing = "missing"
+    common_given = (
+        [_level(f"{given} >= 0.88 AND {_common('given')}", "identical, a common name")]
+        if frequency_classes
+        else []
+    )
+    common_family = (
+        [_level(f"{family} >= 0.88 AND {_common('family')}", "identical, a common name")]
+        if frequency_classes
+        else []
+    )
     return [
         {
             "output_column_name": "given_name",
             "comparison_description": "Dice of given-name Bloom filters (nicknames resolved)",
             "comparison_levels": [
-                _level(_null("given_bf_n"), "missing", null=True),
-                _level(f"{given} >= 0.88 AND {_common('given')}", "identical, a common name"),
+                _level(_missing_name("given", bloom), missing, null=True),
+                *common_given,
                 _level(f"{given} >= 0.88", "identical"),
                 _level(f"{given} >= 0.75", "very similar"),
                 _level(f"{given} >= 0.6", "similar"),
@@ -114,12 +219,12 @@ def _comparisons(bloom: BloomSpec) -> list[dict[str, Any]]:
             "output_column_name": "family_name",
             "comparison_description": "Dice similarity of family-name Bloom filters",
             "comparison_levels": [
-                _level(_null("family_bf_n"), "missing", null=True),
-                _level(f"{family} >= 0.88 AND {_common('family')}", "identical, a common name"),
+                _level(_missing_name("family", bloom), missing, null=True),
+                *common_family,
                 _level(f"{family} >= 0.88", "identical"),
                 _level(f"{family} >= 0.75", "very similar"),
                 _level(
-                    f"{_overlap('surnames', w)} >= 0.82",
+                    f"{surnames} >= 0.82",
                     "shares a current or previous family name",
                 ),
                 _level(f"{family} >= 0.6", "similar"),
@@ -180,15 +285,35 @@ def _comparisons(bloom: BloomSpec) -> list[dict[str, Any]]:
     ]
 
 
-def model_settings(bloom: BloomSpec | None = None) -> dict[str, Any]:
-    """Untrained Splink settings for tokens made under a spec with this Bloom shape."""
+def _legacy(spec: TokenSpec) -> bool:
+    """True for a spec with the name-only blocking tokens of spec 1.x instead of the combined."""
+    return "blk_name" in spec.blocking and "name_ym" not in spec.blocking
+
+
+def _spec(bloom: BloomSpec | None, spec: TokenSpec | None) -> TokenSpec:
+    if spec is not None:
+        return spec
+    return TokenSpec(bloom=bloom) if bloom is not None else TokenSpec()
+
+
+def blocking_rules(spec: TokenSpec | None = None) -> tuple[str, ...]:
+    """The blocking rules for tokens made under ``spec`` (the default spec if ``None``)."""
+    return LEGACY_BLOCKING_RULES if _legacy(_spec(None, spec)) else BLOCKING_RULES
+
+
+def model_settings(
+    bloom: BloomSpec | None = None, *, spec: TokenSpec | None = None
+) -> dict[str, Any]:
+    """Untrained Splink settings for tokens made under ``spec`` (its Bloom shape and blocking
+    tokens), or under the default spec with this Bloom shape."""
+    spec = _spec(bloom, spec)
     return {
         "link_type": "link_only",
         "unique_id_column_name": UNIQUE_ID,
         "probability_two_random_records_match": 1e-4,
-        "comparisons": _comparisons(bloom or BloomSpec()),
+        "comparisons": _comparisons(spec.bloom, frequency_classes=spec.frequency_classes),
         "blocking_rules_to_generate_predictions": [
-            {"blocking_rule": rule, "sql_dialect": "duckdb"} for rule in BLOCKING_RULES
+            {"blocking_rule": rule, "sql_dialect": "duckdb"} for rule in blocking_rules(spec)
         ],
         "retain_matching_columns": False,
         "retain_intermediate_calculation_columns": True,
@@ -215,24 +340,41 @@ class TrainingOptions:
     seed: int = 42
 
 
-#: EM sessions: each trains every comparison except the ones its rule blocks on. Both rules
-#: pick pairs that are nearly all matches at any size of federation, so EM's match class is
-#: the matches and m comes out as their real disagreement rates. (A loose rule such as "same
-#: date of birth" is 1% matches among a million records, and EM then mistakes look-alike
-#: non-matches for matches.) Splink finds the comparisons a rule fixes by the columns it
-#: names; ``blk_name`` (phonetic given + family name) fixes the names without naming their
-#: Bloom-filter columns, so the rule names them too (those conditions hold whenever the
-#: names are present). Without NHS numbers, the date-of-birth rule stands in.
-_EM_RULES: tuple[str, ...] = (
-    "l.nhs = r.nhs",
-    "l.dob = r.dob AND l.blk_name = r.blk_name "
-    "AND l.given_bf_n = l.given_bf_n AND r.family_bf_n = r.family_bf_n",
-)
-_EM_FALLBACK_RULE = "l.dob = r.dob AND l.blk_gi = r.blk_gi"
-_PRIOR_RULES: tuple[str, ...] = (
-    "l.nhs = r.nhs",
-    "l.dob = r.dob AND l.blk_name = r.blk_name",
-)
+# EM sessions: each trains every comparison except the ones its rule blocks on. Both rules
+# pick pairs that are nearly all matches at any size of federation, so EM's match class is
+# the matches and m comes out as their real disagreement rates. (A loose rule such as "same
+# date of birth" is 1% matches among a million records, and EM then mistakes look-alike
+# non-matches for matches.) Splink finds the comparisons a rule fixes by the columns it
+# names; ``name_ym`` (phonetic given + family name with year and month; ``blk_name`` in spec
+# 1.x) fixes the names without naming their Bloom-filter columns, so the rule names them too
+# (those conditions hold whenever the names are present). Salted name comparisons also name
+# date-of-birth columns (to tell whether two filters share a salt), so a rule that names
+# ``dob`` fixes them too. Without NHS numbers the fallback stands in; it names only the
+# combined tokens, so that it trains the names.
+def _training_rules(settings: Mapping[str, Any]) -> tuple[tuple[str, ...], str, tuple[str, ...]]:
+    """EM rules, the EM fallback rule and the prior's rules, for the model's token design."""
+    rules = [r["blocking_rule"] for r in settings["blocking_rules_to_generate_predictions"]]
+    columns = " ".join(
+        lvl["sql_condition"]
+        for c in settings["comparisons"]
+        if c["output_column_name"] in ("given_name", "family_name")
+        for lvl in c["comparison_levels"]
+    )
+    given, family = (re.findall(rf"\b({f}\w*?)_bf_n", columns)[0] for f in ("given", "family"))
+    names_present = f"l.{given}_bf_n = l.{given}_bf_n AND r.{family}_bf_n = r.{family}_bf_n"
+    if any("blk_name" in r for r in rules):
+        return (
+            ("l.nhs = r.nhs", f"l.dob = r.dob AND l.blk_name = r.blk_name AND {names_present}"),
+            "l.dob = r.dob AND l.blk_gi = r.blk_gi",
+            ("l.nhs = r.nhs", "l.dob = r.dob AND l.blk_name = r.blk_name"),
+        )
+    return (
+        ("l.nhs = r.nhs", f"l.dob = r.dob AND l.name_ym = r.name_ym AND {names_present}"),
+        "l.dobu_gi = r.dobu_gi AND l.dobu_fi = r.dobu_fi",
+        ("l.nhs = r.nhs", "l.dob = r.dob AND l.name_ym = r.name_ym"),
+    )
+
+
 #: Smallest m and u probabilities written into a model. EM leaves a level at exactly zero (or
 #: "not observed") when no training pair reached it, which Splink 5 then refuses to load; and
 #: an m of zero would make one disagreeing field (a mistyped NHS number that still passes its
@@ -363,10 +505,17 @@ class LinkageModel:
     # ------------------------------------------------------------------ training
     @classmethod
     def untrained(
-        cls, bloom: BloomSpec | None = None, *, spec_fingerprint: str = ""
+        cls,
+        bloom: BloomSpec | None = None,
+        *,
+        spec_fingerprint: str = "",
+        spec: TokenSpec | None = None,
     ) -> LinkageModel:
-        """A model with comparisons and blocking rules but no parameters yet."""
-        return cls(settings=model_settings(bloom), metadata={"token_spec": spec_fingerprint})
+        """A model with comparisons and blocking rules but no parameters yet, for tokens
+        made under ``spec`` (or under the default spec with this Bloom shape)."""
+        return cls(
+            settings=model_settings(bloom, spec=spec), metadata={"token_spec": spec_fingerprint}
+        )
 
     def train(
         self,
@@ -392,24 +541,26 @@ class LinkageModel:
         total = engine.count_rows(tables)
         if len(tables) < 2 or total < 20:
             raise ModelError("training needs at least two counties and twenty records")
+        em_rules, em_fallback, prior_rules = _training_rules(self.settings)
         linker = engine.linker(tables, copy.deepcopy(self.settings))
         # Splink reports each EM iteration at INFO; keep it for debugging only.
         logging.getLogger("splink").setLevel(logging.WARNING)
         try:
             linker.training.estimate_probability_two_random_records_match(
-                list(_PRIOR_RULES), recall=opts.prior_recall
+                list(prior_rules), recall=opts.prior_recall
             )
             linker.training.estimate_u_using_random_sampling(
                 max_pairs=opts.u_max_pairs, seed=opts.seed
             )
+            settings = _salted_names_u(engine, tables, linker.misc.save_model_to_json(), opts)
             # A level that no random pair reached (two NHS numbers equal, say) is rare, not
             # unknown: give it a u below what the sample could see, before EM relies on it.
             floor_u = 0.5 / opts.u_max_pairs
-            settings, unseen = _floor_unseen_u(linker.misc.save_model_to_json(), floor_u)
+            settings, unseen = _floor_unseen_u(settings, floor_u)
             linker = engine.linker(tables, settings)
             # Below ~100k records every blocked pair fits; sampling would only add noise.
             em_max_pairs = opts.em_max_pairs if total > 100_000 else None
-            for rule in _EM_RULES:
+            for rule in em_rules:
                 try:
                     linker.training.estimate_parameters_using_expectation_maximisation(
                         rule, max_pairs=em_max_pairs
@@ -417,7 +568,7 @@ class LinkageModel:
                 except (ValueError, RuntimeError, SplinkException):
                     # Too few pairs under this rule (no NHS numbers recorded, say).
                     linker.training.estimate_parameters_using_expectation_maximisation(
-                        _EM_FALLBACK_RULE, max_pairs=em_max_pairs
+                        em_fallback, max_pairs=em_max_pairs
                     )
         except (ValueError, RuntimeError) as e:
             raise ModelError(f"training failed: {e}") from e
@@ -459,6 +610,55 @@ class LinkageModel:
             }
         )
         return LinkageModel(settings=settings, threshold=threshold, metadata=meta)
+
+
+#: Comparisons of salted name filters.
+_NAME_COMPARISONS = ("given_name", "family_name")
+#: Pairs whose dates of birth agree (in either order): in a random sample nearly all matches.
+_SAME_DATE = "(dob_l = dob_r OR dob_unordered_l = dob_unordered_r)"
+
+
+def _salted_names_u(
+    engine: Any, tables: Mapping[str, Any], settings: dict[str, Any], opts: TrainingOptions
+) -> dict[str, Any]:
+    """u of the salted name comparisons, from random pairs that are not near-certain matches.
+
+    Salted filters compare only when a salt value (part of the date of birth) agrees, and
+    random pairs that share one are rich in matches (in 15,000 records one pair in twenty
+    that shares a year and month is the same person), which would inflate u for "identical"
+    names. Among comparable random pairs with other dates of birth, matches are rare; u for
+    the name levels is estimated on those (a second random sample, in which the rest count
+    as not comparable) and every other u is kept.
+    """
+    salted = [
+        c
+        for c in settings["comparisons"]
+        if c["output_column_name"] in _NAME_COMPARISONS
+        and "NOT COALESCE(" in c["comparison_levels"][0]["sql_condition"]
+    ]
+    if not salted:
+        return settings
+    probe = copy.deepcopy(settings)
+    probe["comparisons"] = copy.deepcopy(salted)  # only these are sampled again
+    for c in probe["comparisons"]:
+        null = c["comparison_levels"][0]
+        null["sql_condition"] = f"({null['sql_condition']}) OR {_SAME_DATE}"
+    linker = engine.linker(tables, probe)
+    linker.training.estimate_u_using_random_sampling(max_pairs=opts.u_max_pairs, seed=opts.seed)
+    estimated = {
+        (c["output_column_name"], lvl["label_for_charts"]): lvl.get("u_probability")
+        for c in linker.misc.save_model_to_json()["comparisons"]
+        for lvl in c["comparison_levels"]
+    }
+    out = copy.deepcopy(settings)
+    for c in out["comparisons"]:
+        if c["output_column_name"] not in _NAME_COMPARISONS:
+            continue
+        for lvl in c["comparison_levels"]:
+            u = estimated.get((c["output_column_name"], lvl["label_for_charts"]))
+            if not lvl.get("is_null_level") and _is_probability(u):
+                lvl["u_probability"] = u
+    return out
 
 
 def _is_probability(value: Any) -> bool:

@@ -13,6 +13,7 @@ functions, so offline and federated results are the same code path.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,15 @@ from linkage.engine import SplinkEngine
 from linkage.model import LinkageModel, TrainingOptions
 from linkage.normalise import NormalisedRecords, normalise_records
 from linkage.records import ColumnMapping, read_county_file
-from linkage.tokenise import Tokeniser, new_pseudonyms
+from linkage.tokenise import (
+    FREQUENCY_COLUMNS,
+    KNOWN_BLOCKING,
+    KNOWN_EXACT,
+    BloomSpec,
+    Tokeniser,
+    TokenSpec,
+    new_pseudonyms,
+)
 
 __all__ = [
     "LinkResult",
@@ -39,8 +48,21 @@ __all__ = [
     "prepare_county",
 ]
 
-#: Token columns that order a county's rows before linking (together nearly unique).
-_ORDER_COLUMNS = ["dob", "nhs", "given_bf_0", "family_bf_0", "surnames_bf_0"]
+#: Token columns that order a county's rows before linking (together nearly unique): the
+#: date of birth, the NHS number and the first word of each name field's first filter.
+_ORDER_COLUMNS = ["dob", "nhs"]
+_ORDER_FILTERS = ("given", "family", "surnames")
+
+
+def _order_columns(columns: Sequence[str]) -> list[str]:
+    present = set(columns)
+    out = [c for c in _ORDER_COLUMNS if c in present]
+    for f in _ORDER_FILTERS:
+        first = next((c for c in columns if c.startswith(f"{f}_") and c.endswith("_bf_0")), None)
+        if first is not None:
+            out.append(first)
+    return out
+
 
 #: Columns of a token table besides the tokens themselves.
 ID_COLUMNS = ("pseudonym", "household", "role")
@@ -172,6 +194,7 @@ def match_tokens(
     training: TrainingOptions | None = None,
     spec_fingerprint: str = "",
     bloom: Any = None,
+    spec: TokenSpec | None = None,
 ) -> MatchResult:
     """Link county token tables: the matcher's whole batch pipeline, on tokens only.
 
@@ -183,8 +206,13 @@ def match_tokens(
         training: Training options when a model is trained here.
         spec_fingerprint: Token-spec fingerprint recorded in a newly trained model.
         bloom: The token spec's ``BloomSpec`` (its Dice SQL depends on the filter length).
+        spec: The whole token spec (its blocking tokens decide the blocking rules); it
+            overrides ``bloom``. Without it, the tokens the tables carry are used with
+            ``bloom`` (or the default Bloom shape).
     """
     stages = stages or Stages()
+    if spec is None and model is None and tables:
+        spec = _spec_of(list(next(iter(tables.values())).columns), bloom)
     engine = engine or SplinkEngine()
     with stages("register"):
         # Counties in name order and rows in token order, so that the same tokens give the
@@ -193,7 +221,9 @@ def match_tokens(
         ordered = {
             county: tables[county]
             .drop(columns=["household"])
-            .sort_values(_ORDER_COLUMNS, kind="stable", na_position="last")
+            .sort_values(
+                _order_columns(list(tables[county].columns)), kind="stable", na_position="last"
+            )
             .reset_index(drop=True)
             for county in sorted(tables)
         }
@@ -205,7 +235,9 @@ def match_tokens(
         )
     if model is None or not model.trained:
         with stages("train"):
-            base = model or LinkageModel.untrained(bloom, spec_fingerprint=spec_fingerprint)
+            base = model or LinkageModel.untrained(
+                bloom, spec_fingerprint=spec_fingerprint, spec=spec
+            )
             model = base.train(engine, registered, options=training)
         with stages("predict"):
             predictions = engine.predict(model, registered)
@@ -259,6 +291,18 @@ def _with_pseudonyms(pairs: pd.DataFrame, pseudonyms: Mapping[str, np.ndarray]) 
             for c, i in zip(pairs[f"county_{side}"], pairs[f"pseudonym_{side}"], strict=True)
         ]
     return out
+
+
+def _spec_of(columns: Sequence[str], bloom: BloomSpec | None) -> TokenSpec:
+    """The token spec (as far as the model needs it) of a token table made under ``bloom``."""
+    base = TokenSpec(bloom=bloom) if bloom is not None else TokenSpec()
+    present = set(columns)
+    return dataclasses.replace(
+        base,
+        exact=tuple(t for t in KNOWN_EXACT if t in present) or base.exact,
+        blocking=tuple(t for t in KNOWN_BLOCKING if t in present) or base.blocking,
+        frequency_classes=all(c in present for c in FREQUENCY_COLUMNS),
+    )
 
 
 def _cross_pairs(sizes: Sequence[int]) -> float:
@@ -358,6 +402,7 @@ def link_files(
         training=training,
         spec_fingerprint=tokeniser.spec.fingerprint,
         bloom=tokeniser.spec.bloom,
+        spec=tokeniser.spec,
     )
     with stages("write"):
         result = _reidentify(prepared, match)

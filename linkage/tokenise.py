@@ -42,10 +42,14 @@ from linkage.errors import SecretError, TokenSpecError
 
 __all__ = [
     "BLOOM_FIELDS",
+    "KNOWN_BLOCKING",
+    "KNOWN_EXACT",
+    "SALTS",
     "BloomSpec",
     "TokenSpec",
     "Tokeniser",
     "bloom_columns",
+    "bloom_views",
     "new_pseudonyms",
 ]
 
@@ -64,8 +68,55 @@ _KNOWN_EXACT = (
     "sex",
     "postcode",
     "postcode_district",
+    "dob_dmu",
 )
-_KNOWN_BLOCKING = ("blk_name", "blk_gi", "blk_fi")
+#: Blocking tokens. Each of the first five is a name key *combined with* a date-of-birth key,
+#: exactly the conjunctions the blocking rules join on (``linkage/model.py``), so no published
+#: token depends on a name alone: ``dobu_gi`` is the date of birth (day and month unordered)
+#: with the given name's initial, ``dobu_fi`` the same with the family name's initial, and
+#: ``name_ym``/``name_yd``/``name_md`` the phonetic given and family names with two of the
+#: three parts of the date of birth. The last three are the name-only tokens of spec 1.x,
+#: kept for comparison (``scripts/attack_tokens.py``): frequency alignment re-identifies
+#: names from them.
+_KNOWN_BLOCKING = (
+    "dobu_gi",
+    "dobu_fi",
+    "name_ym",
+    "name_yd",
+    "name_md",
+    "blk_name",
+    "blk_gi",
+    "blk_fi",
+)
+_DEFAULT_BLOCKING = ("dobu_gi", "dobu_fi", "name_ym", "name_yd", "name_md")
+#: Every exact and every blocking token a spec may name.
+KNOWN_EXACT: tuple[str, ...] = _KNOWN_EXACT
+KNOWN_BLOCKING: tuple[str, ...] = _KNOWN_BLOCKING
+
+#: Salts for the Bloom filters: the part of the date of birth whose value keys a filter, so
+#: that the same name under another salt value gives an unrelated filter. A filter can only
+#: be compared with one made under the same salt value, and the attacker can only pool the
+#: filters of one salt value. ``ym``: year and month; ``mdu``: month and day, unordered (it
+#: survives a swapped day and month and a mistyped year); ``dmu``: decade of birth with the
+#: unordered month and day (survives a swap and a mistyped last digit of the year, in
+#: partitions a tenth the size); ``yd``: year and day; ``year``.
+SALTS: dict[str, Callable[[str], str]] = {
+    "year": lambda d: d[:4],
+    "ym": lambda d: d[:7],
+    "yd": lambda d: f"{d[:4]}|{d[8:10]}",
+    "mdu": lambda d: f"{min(d[5:7], d[8:10])}|{max(d[5:7], d[8:10])}",
+    "dmu": lambda d: f"{d[:3]}|{min(d[5:7], d[8:10])}|{max(d[5:7], d[8:10])}",
+}
+
+#: The date-of-birth tokens that tell the matcher whether two records share a salt value
+#: (``linkage/model.py``); ``dob`` tells two records that both have none.
+_SALT_TOKENS = {
+    "year": ("dob", "dob_ym", "dob_yd"),
+    "ym": ("dob", "dob_ym"),
+    "yd": ("dob", "dob_yd"),
+    "mdu": ("dob", "dob_md", "dob_unordered"),
+    "dmu": ("dob", "dob_dmu"),
+}
 
 #: Coarse frequency classes of the given and family name within the county's own records:
 #: ``floor(-log2(share))``, capped at 15. They let the model weigh agreement on a common name
@@ -83,17 +134,31 @@ class BloomSpec:
         hash_count: Keyed positions set per q-gram.
         qgram: q-gram length (2 = bigrams), with the name padded by ``_`` at both ends.
         flip_probability: BLIP hardening: the chance each bit is flipped; 0 or 2**-k, k in 1..10.
+        salts: One filter per name field and salt (see :data:`SALTS`), keyed by the record's
+            salt value; empty for one unsalted filter per field. Two salts that no single
+            error in a date of birth changes together (year+month; decade with the unordered
+            month and day) keep one pair of filters comparable when a date is mistyped.
     """
 
     bits: int = 256
-    hash_count: int = 15
+    hash_count: int = 10
     qgram: int = 2
-    flip_probability: float = 1 / 64
+    flip_probability: float = 1 / 8
+    salts: tuple[str, ...] = ("ym", "dmu")
+
+    def __post_init__(self) -> None:
+        # TOML and JSON give lists; keep the spec hashable and comparable.
+        object.__setattr__(self, "salts", tuple(self.salts))
 
     @property
     def words(self) -> int:
         """Number of 64-bit words a filter occupies."""
         return self.bits // 64
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        """Column prefixes of one name field's filters: ``""`` unsalted, else one per salt."""
+        return tuple(f"_{s}" for s in self.salts) or ("",)
 
     def problems(self) -> list[str]:
         """Every reason this spec is invalid (empty when it is valid)."""
@@ -106,6 +171,9 @@ class BloomSpec:
             out.append("bloom.qgram must be between 1 and 4")
         if self.flip_probability != 0 and _flip_exponent(self.flip_probability) is None:
             out.append("bloom.flip_probability must be 0 or a power of two from 1/2 to 1/1024")
+        out += [f"unknown bloom salt {s!r}" for s in self.salts if s not in SALTS]
+        if len(set(self.salts)) != len(self.salts):
+            out.append("bloom.salts must not repeat a salt")
         return out
 
 
@@ -119,19 +187,30 @@ class TokenSpec:
         bloom: Bloom-filter shape for names.
         exact: Deterministic comparison tokens to publish.
         blocking: Deterministic blocking-key tokens to publish.
+        frequency_classes: Publish each name's frequency class within its county
+            (``given_fc``, ``family_fc``). Off by default: a frequency class with the name's
+            initial is a name-only token, which frequency alignment re-identifies.
     """
 
-    version: str = "1.0.0"
+    version: str = "2.0.0"
     name: str = "jigsaw-default"
     bloom: BloomSpec = field(default_factory=BloomSpec)
     exact: tuple[str, ...] = _KNOWN_EXACT
-    blocking: tuple[str, ...] = _KNOWN_BLOCKING
+    blocking: tuple[str, ...] = _DEFAULT_BLOCKING
+    frequency_classes: bool = False
 
     def __post_init__(self) -> None:
         problems = list(self.bloom.problems())
         problems += [f"unknown exact token {t!r}" for t in self.exact if t not in _KNOWN_EXACT]
         problems += [
             f"unknown blocking token {t!r}" for t in self.blocking if t not in _KNOWN_BLOCKING
+        ]
+        problems += [
+            f"bloom salt {s!r} needs the exact token {t!r} (the matcher compares only filters "
+            "made under the same salt value)"
+            for s in self.bloom.salts
+            for t in _SALT_TOKENS.get(s, ())
+            if t not in self.exact
         ]
         if problems:
             raise TokenSpecError("invalid token spec: " + "; ".join(problems))
@@ -147,7 +226,8 @@ class TokenSpec:
                 name=str(data.get("name", "jigsaw")),
                 bloom=bloom,
                 exact=tuple(tokens.get("exact", _KNOWN_EXACT)),
-                blocking=tuple(tokens.get("blocking", _KNOWN_BLOCKING)),
+                blocking=tuple(tokens.get("blocking", _DEFAULT_BLOCKING)),
+                frequency_classes=bool(tokens.get("frequency_classes", False)),
             )
         except (KeyError, TypeError) as e:
             raise TokenSpecError(f"invalid token spec: {e}") from e
@@ -170,8 +250,12 @@ class TokenSpec:
         return {
             "version": self.version,
             "name": self.name,
-            "bloom": asdict(self.bloom),
-            "tokens": {"exact": list(self.exact), "blocking": list(self.blocking)},
+            "bloom": {**asdict(self.bloom), "salts": list(self.bloom.salts)},
+            "tokens": {
+                "exact": list(self.exact),
+                "blocking": list(self.blocking),
+                "frequency_classes": self.frequency_classes,
+            },
         }
 
     @property
@@ -182,7 +266,8 @@ class TokenSpec:
 
     def token_columns(self) -> list[str]:
         """Names of the token columns a tokeniser bound to this spec emits, in order."""
-        return [*self.exact, *self.blocking, *bloom_columns(self.bloom), *FREQUENCY_COLUMNS]
+        classes = FREQUENCY_COLUMNS if self.frequency_classes else ()
+        return [*self.exact, *self.blocking, *bloom_columns(self.bloom), *classes]
 
     def bind(self, secret: bytes, *, epoch: int = 1) -> Tokeniser:
         """Bind a federation secret to this spec, giving a tokeniser.
@@ -193,10 +278,17 @@ class TokenSpec:
         return Tokeniser(self, secret, epoch=epoch)
 
 
+def bloom_views(bloom: BloomSpec) -> list[str]:
+    """Prefixes of the filter columns, one per name field and salt: ``given_ym``,
+    ``given_mdu``, ... (``given``, ``family``, ``surnames`` when unsalted)."""
+    return [f"{f}{v}" for f in BLOOM_FIELDS for v in bloom.views]
+
+
 def bloom_columns(bloom: BloomSpec) -> list[str]:
-    """Column names of the Bloom-filter words and popcounts, e.g. ``given_bf_0``, ``given_bf_n``."""
+    """Column names of the Bloom-filter words and popcounts, e.g. ``given_ym_bf_0``,
+    ``given_ym_bf_n`` (``given_bf_0``, ``given_bf_n`` when unsalted)."""
     cols = []
-    for f in BLOOM_FIELDS:
+    for f in bloom_views(bloom):
         cols += [f"{f}_bf_{i}" for i in range(bloom.words)]
         cols.append(f"{f}_bf_n")
     return cols
@@ -230,7 +322,7 @@ class Tokeniser:
             raise SecretError("the key epoch must be a positive integer")
         self.spec = spec
         self.epoch = epoch
-        names = [*spec.exact, *spec.blocking, *(f"bloom:{f}" for f in BLOOM_FIELDS)]
+        names = [*spec.exact, *spec.blocking, *(f"bloom:{f}" for f in bloom_views(spec.bloom))]
         self._keys = {name: self._derive(secret, name) for name in names}
         self._aes = {name: self._derive(secret, f"{name}/aes") for name in names}
 
@@ -274,6 +366,7 @@ class Tokeniser:
             "dob_ym": lambda: dob.derive(lambda d: f"{d[:4]}|{d[5:7]}"),
             "dob_yd": lambda: dob.derive(lambda d: f"{d[:4]}|{d[8:10]}"),
             "dob_md": lambda: dob.derive(lambda d: f"{d[5:7]}|{d[8:10]}"),
+            "dob_dmu": lambda: source("salt:dmu"),
             "nhs": lambda: _Factor.of(records, "nhs_number"),
             "sex": lambda: _Factor.of(records, "sex"),
             "postcode": lambda: _Factor.of(records, "postcode"),
@@ -283,24 +376,60 @@ class Tokeniser:
             ),
             "blk_gi": lambda: given.derive(lambda g: g[:1]),
             "blk_fi": lambda: family.derive(lambda f: f[:1]),
+            **{f"salt:{s}": _deriving(dob, fn) for s, fn in SALTS.items()},
+            "dobu_gi": lambda: source("dob_unordered").combine(
+                given.derive(lambda g: g[:1]), lambda d, g: f"{d}|{g}"
+            ),
+            "dobu_fi": lambda: source("dob_unordered").combine(
+                family.derive(lambda f: f[:1]), lambda d, f: f"{d}|{f}"
+            ),
+            "name_ym": lambda: source("blk_name").combine(
+                source("dob_ym"), lambda n, d: f"{n}|{d}"
+            ),
+            "name_yd": lambda: source("blk_name").combine(
+                source("dob_yd"), lambda n, d: f"{n}|{d}"
+            ),
+            "name_md": lambda: source("blk_name").combine(
+                source("dob_md"), lambda n, d: f"{n}|{d}"
+            ),
         }
         out: dict[str, Any] = {}
+        made: dict[str, _Factor] = {}
+
+        def source(name: str) -> _Factor:
+            if name not in made:
+                made[name] = sources[name]()
+            return made[name]
+
         for name in (*self.spec.exact, *self.spec.blocking):
-            out[name] = sources[name]().tokens(self._keys[name], self._aes[name])
+            out[name] = source(name).tokens(self._keys[name], self._aes[name])
 
         previous = _Factor.of(records, "previous_family_names")
         surnames = family.combine(
             previous, lambda f, p: f"{f} {p.replace(';', ' ')}".strip(), either=True
         )
-        out["given_fc"] = given.frequency_classes()
-        out["family_fc"] = family.frequency_classes()
+        if self.spec.frequency_classes:
+            out["given_fc"] = given.frequency_classes()
+            out["family_fc"] = family.frequency_classes()
         texts = {"given": given, "family": family, "surnames": surnames}
         rng = np.random.default_rng(seed)
         for f in BLOOM_FIELDS:
-            words, counts, missing = self._bloom(texts[f], self._keys[f"bloom:{f}"], rng)
-            for i in range(self.spec.bloom.words):
-                out[f"{f}_bf_{i}"] = pd.arrays.IntegerArray(words[:, i].copy(), missing)
-            out[f"{f}_bf_n"] = pd.arrays.IntegerArray(counts, missing)
+            for view in self.spec.bloom.views:
+                if view:
+                    # The salt value prefixes every q-gram (a prefix-free "salt\0gram"), so
+                    # each salt value keys its own filters. Records without a date of birth
+                    # share the empty salt: comparable only with each other.
+                    salt = source(f"salt:{view[1:]}")
+                    salted = texts[f].combine(
+                        salt, lambda text, s: f"{s}\0{text}" if text else None, either=True
+                    )
+                else:
+                    salted = texts[f]
+                key = self._keys[f"bloom:{f}{view}"]
+                words, counts, missing = self._bloom(salted, key, rng)
+                for i in range(self.spec.bloom.words):
+                    out[f"{f}{view}_bf_{i}"] = pd.arrays.IntegerArray(words[:, i].copy(), missing)
+                out[f"{f}{view}_bf_n"] = pd.arrays.IntegerArray(counts, missing)
         return pd.DataFrame({c: out[c] for c in self.spec.token_columns()}, index=pd.RangeIndex(n))
 
     def _bloom(
@@ -308,15 +437,25 @@ class Tokeniser:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         spec = self.spec.bloom
         codes, uniques = texts.codes, texts.uniques
-        gram_masks: dict[str, np.ndarray] = {}
-        table = np.zeros((len(uniques) + 1, spec.words), dtype=np.uint64)
+        # Each distinct text's q-grams (a salted text "salt\0name" gives "salt\0" + gram),
+        # each distinct q-gram hashed once, the positions OR-ed into the table in one go.
+        gram_index: dict[str, int] = {}
+        owner: list[int] = []
+        gram_of: list[int] = []
         for i, text in enumerate(uniques):
-            for gram in _qgrams(text, spec.qgram):
-                mask = gram_masks.get(gram)
-                if mask is None:
-                    mask = _gram_mask(gram, key, spec)
-                    gram_masks[gram] = mask
-                table[i] |= mask
+            salt, sep, name = text.rpartition("\0")
+            prefix = salt + sep
+            for gram in _qgrams(name, spec.qgram):
+                owner.append(i)
+                gram_of.append(gram_index.setdefault(prefix + gram, len(gram_index)))
+        positions = _gram_positions(list(gram_index), key, spec)  # (grams, hash_count)
+        table = np.zeros((len(uniques) + 1, spec.words), dtype=np.uint64)
+        if owner:
+            pos = positions[np.asarray(gram_of)]  # (pairs, hash_count)
+            rows = np.repeat(np.asarray(owner), spec.hash_count)
+            flat = pos.reshape(-1).astype(np.uint64)
+            bits = np.left_shift(np.uint64(1), flat % np.uint64(64))
+            np.bitwise_or.at(table, (rows, (flat // np.uint64(64)).astype(np.intp)), bits)
         words = table[codes]
         k = _flip_exponent(spec.flip_probability) if spec.flip_probability else None
         if k is not None:
@@ -355,7 +494,7 @@ class _Factor:
         return self._remap([fn(u) for u in self.uniques], self.codes)
 
     def combine(
-        self, other: _Factor, fn: Callable[[str, str], str], *, either: bool = False
+        self, other: _Factor, fn: Callable[[str, str], str | None], *, either: bool = False
     ) -> _Factor:
         """Combine two columns value by value; missing if either is (or both, if ``either``)."""
         stride = len(other.uniques) + 1
@@ -417,6 +556,10 @@ def _keyed64_many(values: list[str], key: bytes, aes_key: bytes) -> np.ndarray:
     return out
 
 
+def _deriving(factor: _Factor, fn: Callable[[str], str | None]) -> Callable[[], _Factor]:
+    return lambda: factor.derive(fn)
+
+
 def _first_word_phonetic(name: str) -> str:
     return str(jellyfish.nysiis(name.split(" ", 1)[0]))
 
@@ -431,13 +574,14 @@ def _qgrams(text: str, q: int) -> Sequence[str]:
     return [padded[i : i + q] for i in range(max(1, len(padded) - q + 1))]
 
 
-def _gram_mask(gram: str, key: bytes, spec: BloomSpec) -> np.ndarray:
+def _gram_positions(grams: list[str], key: bytes, spec: BloomSpec) -> np.ndarray:
+    """The ``hash_count`` filter positions of each q-gram, as a (grams, hash_count) array."""
     # Positions come from one keyed hash of the q-gram: independent positions, unlike
     # double hashing, whose regular patterns Kroll and Steinmetzer (2015) exploited.
-    digest = hashlib.blake2b(gram.encode(), key=key, digest_size=2 * spec.hash_count).digest()
+    size = 2 * spec.hash_count
+    digests = b"".join(
+        hashlib.blake2b(gram.encode(), key=key, digest_size=size).digest() for gram in grams
+    )
     # 16-bit draws: filter lengths are powers of two up to 4096 in practice, so ``%`` is exact.
-    positions = np.frombuffer(digest, dtype="<u2") % spec.bits
-    mask = np.zeros(spec.words, dtype=np.uint64)
-    for p in positions:
-        mask[p // 64] |= np.uint64(1) << np.uint64(p % 64)
-    return mask
+    draws = np.frombuffer(digests, dtype="<u2").reshape(len(grams), spec.hash_count)
+    return (draws % spec.bits).astype(np.int64)

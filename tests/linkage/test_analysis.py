@@ -317,8 +317,8 @@ def test_model_parameters_lists_every_non_null_level_with_its_weight() -> None:
     assert len(params) == levels
     assert "missing" not in set(params["level"])
     first = params.iloc[0]
-    assert (first["comparison"], first["level"]) == ("given_name", "identical, a common name")
-    assert first["gamma"] == 4  # given_name has five non-null levels: the top is gamma 4
+    assert (first["comparison"], first["level"]) == ("given_name", "identical")
+    assert first["gamma"] == 3  # given_name has four non-null levels: the top is gamma 3
     assert first["match_weight"] == pytest.approx(math.log2(0.9 / 0.001))
     assert params.groupby("comparison")["gamma"].min().eq(0).all()
 

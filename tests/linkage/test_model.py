@@ -94,10 +94,12 @@ def test_untrained_model_is_not_trained() -> None:
 
 @pytest.mark.parametrize("bits", [128, 256, 512])
 def test_dice_sql_reads_every_filter_word(bits: int) -> None:
-    sql = json.dumps(model_settings(BloomSpec(bits=bits)))
+    bloom = BloomSpec(bits=bits)
+    sql = json.dumps(model_settings(bloom))
     words = bits // 64
-    assert f"given_bf_{words - 1}_l" in sql
-    assert f"given_bf_{words}_l" not in sql
+    for view in bloom.views:
+        assert f"given{view}_bf_{words - 1}_l" in sql
+        assert f"given{view}_bf_{words}_l" not in sql
 
 
 def test_training_needs_two_counties(

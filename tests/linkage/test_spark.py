@@ -165,8 +165,12 @@ def test_training_on_spark_lands_near_duckdb(
         # EM runs on the same blocked pairs: m agrees closely.
         assert m_s == pytest.approx(m_d, abs=0.02), level
         # u comes from each engine's own random sample of records (about 40% of them), so a
-        # level's u may move, but its weight by no more than a bit (two for the rarest).
-        assert abs(math.log2(u_s / u_d)) <= (1.0 if u_d >= 1e-4 else 2.0), level
+        # level's u may move, but its weight by no more than a bit (two for the rarest). The
+        # salted name comparisons' u comes from the few sampled pairs that share a salt value
+        # with other dates of birth (about one in 700 here): up to three bits.
+        salted_name = level[0] in ("given_name", "family_name") and bool(tokeniser.spec.bloom.salts)
+        allowed = 3.0 if salted_name else (1.0 if u_d >= 1e-4 else 2.0)
+        assert abs(math.log2(u_s / u_d)) <= allowed, level
     # The prior from the deterministic rules counts the same pairs on both.
     assert sprk.prior == pytest.approx(duck.prior, rel=1e-6)
 

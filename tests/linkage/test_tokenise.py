@@ -19,6 +19,7 @@ from linkage.tokenise import (
     Tokeniser,
     TokenSpec,
     bloom_columns,
+    bloom_views,
 )
 
 TOKEN_SPEC_TOML = Path(__file__).resolve().parents[2] / "configs" / "token_spec.toml"
@@ -40,11 +41,20 @@ def bloom_bits(tokens: pd.DataFrame, field: str, words: int) -> np.ndarray:
     return tokens[cols].to_numpy(dtype=np.int64).view(np.uint64)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise Dice coefficient of two (n, words) uint64 filter arrays."""
+def dice(a: np.ndarray, b: np.ndarray, bloom: BloomSpec | None = None) -> np.ndarray:
+    """Row-wise Dice coefficient of two (n, words) uint64 filter arrays; with a Bloom spec,
+    the matcher's estimate of the Dice before the spec's bit flips (linkage/model.py)."""
     shared = np.bitwise_count(a & b).sum(axis=1)
     total = np.bitwise_count(a).sum(axis=1) + np.bitwise_count(b).sum(axis=1)
-    return 2.0 * shared / total
+    if bloom is None or not bloom.flip_probability:
+        return 2.0 * shared / total
+    p, n = bloom.flip_probability, bloom.bits
+    return 2.0 * (shared - p * total + n * p * p) / ((1 - 2 * p) * (total - 2 * n * p))
+
+
+def first_view(spec: TokenSpec, field: str) -> str:
+    """The column prefix of a name field's first filter (``given_ym``; ``given`` unsalted)."""
+    return f"{field}{spec.bloom.views[0]}"
 
 
 def token_values(tokens: pd.DataFrame, columns: list[str]) -> set[int]:
@@ -68,8 +78,8 @@ def test_spec_round_trips_through_its_dictionary_form() -> None:
     custom = TokenSpec(
         version="2.1.0",
         name="custom",
-        bloom=BloomSpec(bits=512, hash_count=15, qgram=3, flip_probability=1 / 16),
-        exact=("dob", "nhs"),
+        bloom=BloomSpec(bits=512, hash_count=15, qgram=3, flip_probability=1 / 16, salts=("ym",)),
+        exact=("dob", "dob_ym", "nhs"),
         blocking=("blk_name",),
     )
     again = TokenSpec.from_dict(custom.to_dict())
@@ -104,7 +114,10 @@ def _changed(field: str) -> dict[str, Any]:
             )
         },
         "no_flips": {"bloom": dataclasses.replace(bloom, flip_probability=0)},
-        "exact": {"exact": default.exact[:-1]},
+        "salts": {"bloom": dataclasses.replace(bloom, salts=bloom.salts[:1])},
+        "no_salts": {"bloom": dataclasses.replace(bloom, salts=())},
+        "frequency_classes": {"frequency_classes": not default.frequency_classes},
+        "exact": {"exact": tuple(t for t in default.exact if t != "postcode")},
         "exact_order": {"exact": default.exact[::-1]},
         "blocking": {"blocking": default.blocking[1:]},
     }
@@ -121,6 +134,9 @@ def _changed(field: str) -> dict[str, Any]:
         "qgram",
         "flip_probability",
         "no_flips",
+        "salts",
+        "no_salts",
+        "frequency_classes",
         "exact",
         "exact_order",
         "blocking",
@@ -190,13 +206,49 @@ def test_unreadable_spec_file_is_refused(tmp_path: Path) -> None:
 
 
 def test_token_columns_follow_the_spec() -> None:
-    spec = TokenSpec(bloom=BloomSpec(bits=128), exact=("dob",), blocking=("blk_gi",))
+    spec = TokenSpec(
+        bloom=BloomSpec(bits=128, salts=()),
+        exact=("dob",),
+        blocking=("blk_gi",),
+        frequency_classes=True,
+    )
     assert spec.token_columns() == [
         "dob",
         "blk_gi",
         *(f"{f}_bf_{i}" for f in BLOOM_FIELDS for i in ("0", "1", "n")),
         *FREQUENCY_COLUMNS,
     ]
+    salted = TokenSpec(
+        bloom=BloomSpec(bits=128, salts=("ym", "dmu")),
+        exact=("dob", "dob_ym", "dob_dmu"),
+        blocking=("dobu_gi",),
+    )
+    assert salted.token_columns() == [
+        "dob",
+        "dob_ym",
+        "dob_dmu",
+        "dobu_gi",
+        *(f"{f}_{s}_bf_{i}" for f in BLOOM_FIELDS for s in ("ym", "dmu") for i in ("0", "1", "n")),
+    ]
+
+
+def test_default_spec_publishes_no_token_of_a_name_alone() -> None:
+    # Frequency alignment re-identifies names from an initial, a phonetic code or a
+    # frequency class (THREAT_MODEL.md): names are only published combined with the date of
+    # birth, and every name filter is salted by it (no unsalted ``given_bf_0``).
+    columns = TokenSpec().token_columns()
+    assert not {"blk_name", "blk_gi", "blk_fi", *FREQUENCY_COLUMNS} & set(columns)
+    assert TokenSpec().bloom.salts
+    assert not [c for c in columns for f in BLOOM_FIELDS if c.startswith(f"{f}_bf_")]
+
+
+def test_a_salt_needs_the_token_that_tells_it() -> None:
+    with pytest.raises(TokenSpecError, match="dob_dmu"):
+        TokenSpec(bloom=BloomSpec(salts=("dmu",)), exact=("dob",))
+    with pytest.raises(TokenSpecError, match="dob_ym"):
+        TokenSpec(bloom=BloomSpec(salts=("ym",)), exact=("dob", "dob_dmu"))
+    with pytest.raises(TokenSpecError, match="salt"):
+        TokenSpec(bloom=BloomSpec(salts=("ym", "shoe_size")))
 
 
 # ----------------------------------------------------------------------------- secrets
@@ -266,7 +318,8 @@ def test_output_columns_come_in_the_spec_order(
     assert list(tokens.columns) == tokeniser.spec.token_columns()
 
 
-def test_frequency_classes_band_names_by_their_share(tokeniser: Tokeniser) -> None:
+def test_frequency_classes_band_names_by_their_share(test_secret: bytes) -> None:
+    tokeniser = TokenSpec(frequency_classes=True).bind(test_secret)
     # 16 records: "smith" 8 times (share 1/2 -> class 1), "jones" 4 (1/4 -> 2), "khan" once
     # (1/16 -> 4); a missing name has no class and does not count.
     names = ["smith"] * 8 + ["jones"] * 4 + ["patel"] * 2 + ["okafor", "khan", None]
@@ -375,9 +428,12 @@ def test_missing_inputs_give_null_tokens(tokeniser: Tokeniser) -> None:
     tokens = tokeniser.tokenise(records, seed=1)
     assert tokens.iloc[:2].isna().all().all()
     present = tokens.iloc[2]
-    for column in ("dob", "dob_unordered", "blk_gi", "given_bf_0", "given_bf_n"):
+    for column in ("dob", "dob_unordered", "dobu_gi", "given_ym_bf_0", "given_dmu_bf_n"):
         assert pd.notna(present[column]), column
-    for column in ("nhs", "sex", "postcode", "blk_name", "blk_fi", "family_bf_0", "surnames_bf_n"):
+    for column in (
+        *("nhs", "sex", "postcode", "name_ym", "dobu_fi"),
+        *("family_ym_bf_0", "family_dmu_bf_0", "surnames_dmu_bf_n"),
+    ):
         assert pd.isna(present[column]), column
 
 
@@ -392,21 +448,25 @@ def test_every_spelling_of_missing_gives_null_tokens(tokeniser: Tokeniser) -> No
     )
     tokens = tokeniser.tokenise(records, seed=1)
     assert tokens.iloc[0].isna().all()
-    assert tokens.loc[1, ["given_bf_0", "family_bf_0", "dob", "nhs", "blk_name"]].notna().all()
+    assert (
+        tokens.loc[1, ["given_ym_bf_0", "family_dmu_bf_0", "dob", "nhs", "name_ym"]].notna().all()
+    )
 
 
 def test_absent_columns_count_as_missing(tokeniser: Tokeniser) -> None:
     tokens = tokeniser.tokenise(pd.DataFrame({"family_name": ["okafor", None]}), seed=1)
     assert len(tokens) == 2
-    assert tokens.loc[0, ["family_bf_0", "surnames_bf_0", "blk_fi"]].notna().all()
-    assert tokens.loc[0, ["dob", "nhs", "given_bf_0", "blk_name"]].isna().all()
+    # Filters of a record without a date of birth are made under the empty salt.
+    assert tokens.loc[0, ["family_ym_bf_0", "surnames_dmu_bf_0"]].notna().all()
+    # Combined tokens need every part: no name token without a date of birth.
+    assert tokens.loc[0, ["dob", "nhs", "given_ym_bf_0", "name_ym", "dobu_fi"]].isna().all()
     assert tokens.loc[1].isna().all()
 
 
 def test_popcounts_match_the_filters(tokeniser: Tokeniser, sample_records: pd.DataFrame) -> None:
     tokens = tokeniser.tokenise(sample_records, seed=1)
     words = tokeniser.spec.bloom.words
-    for field in BLOOM_FIELDS:
+    for field in bloom_views(tokeniser.spec.bloom):
         present = tokens[f"{field}_bf_n"].notna()
         bits = bloom_bits(tokens[present], field, words)
         counts = np.bitwise_count(bits).sum(axis=1)
@@ -426,10 +486,10 @@ def test_identical_names_have_similar_but_not_identical_filters(
     doubled = _doubled_names(sample_records)
     n = len(doubled) // 2
     tokens = tokeniser.tokenise(doubled, seed=3)
-    words = tokeniser.spec.bloom.words
+    spec = tokeniser.spec
     for field in ("given", "family"):
-        bits = bloom_bits(tokens, field, words)
-        similarity = dice(bits[:n], bits[n:])
+        bits = bloom_bits(tokens, first_view(spec, field), spec.bloom.words)
+        similarity = dice(bits[:n], bits[n:], spec.bloom)
         assert similarity.mean() > 0.8, field
         identical = (bits[:n] == bits[n:]).all(axis=1)
         assert identical.mean() < 0.05, field  # BLIP: equal names do not give equal filters
@@ -442,27 +502,69 @@ def test_without_flips_identical_names_have_identical_filters(
     doubled = _doubled_names(sample_records)
     n = len(doubled) // 2
     tokens = spec.bind(test_secret).tokenise(doubled, seed=3)
-    bits = bloom_bits(tokens, "given", spec.bloom.words)
+    bits = bloom_bits(tokens, first_view(spec, "given"), spec.bloom.words)
     assert (bits[:n] == bits[n:]).all()
 
 
 def test_unrelated_names_have_low_dice(tokeniser: Tokeniser, sample_records: pd.DataFrame) -> None:
     names = sample_records[["given_canonical", "family_name"]].dropna().reset_index(drop=True)
     tokens = tokeniser.tokenise(names, seed=3)
-    words = tokeniser.spec.bloom.words
+    spec = tokeniser.spec
     for field, column in (("given", "given_canonical"), ("family", "family_name")):
-        bits = bloom_bits(tokens, field, words)
+        bits = bloom_bits(tokens, first_view(spec, field), spec.bloom.words)
         shifted = np.roll(np.arange(len(names)), 7)
         different = (names[column] != names[column].iloc[shifted].to_numpy()).to_numpy()
-        similarity = dice(bits[different], bits[shifted][different])
+        similarity = dice(bits[different], bits[shifted][different], spec.bloom)
         assert similarity.mean() < 0.4, field
 
 
-def test_similar_names_score_between_identical_and_unrelated(tokeniser: Tokeniser) -> None:
+def test_similar_names_score_between_identical_and_unrelated(test_secret: bytes) -> None:
+    # Without flips, so that one pair of each kind is enough to show the order.
+    spec = TokenSpec(bloom=dataclasses.replace(BloomSpec(), flip_probability=0))
     records = pd.DataFrame({"family_name": ["thompson", "thomson", "thompson", "okonkwo"]})
-    tokens = tokeniser.tokenise(records, seed=5)
-    bits = bloom_bits(tokens, "family", tokeniser.spec.bloom.words)
+    tokens = spec.bind(test_secret).tokenise(records, seed=5)
+    bits = bloom_bits(tokens, first_view(spec, "family"), spec.bloom.words)
     same = dice(bits[[0]], bits[[2]])[0]
     typo = dice(bits[[0]], bits[[1]])[0]
     other = dice(bits[[0]], bits[[3]])[0]
     assert same > typo > other
+
+
+def test_salted_filters_are_comparable_only_under_the_same_salt_value(test_secret: bytes) -> None:
+    spec = TokenSpec(bloom=dataclasses.replace(BloomSpec(), flip_probability=0))
+    records = pd.DataFrame(
+        {
+            "given_canonical": ["amelia"] * 4,
+            # 0 and 1: same year and month, other day (another decade+month/day salt);
+            # 0 and 2: last digit of the year mistyped (same decade+month/day, other year+month);
+            # 0 and 3: day and month swapped (same decade+month/day).
+            "date_of_birth": ["2014-03-07", "2014-03-08", "2015-03-07", "2014-07-03"],
+        }
+    )
+    tokens = spec.bind(test_secret).tokenise(records, seed=1)
+    ym = bloom_bits(tokens, "given_ym", spec.bloom.words)
+    dmu = bloom_bits(tokens, "given_dmu", spec.bloom.words)
+    assert (ym[0] == ym[1]).all() and (dmu[0] == dmu[2]).all() and (dmu[0] == dmu[3]).all()
+    # Under another salt value the same name is a stranger.
+    unrelated = [dice(dmu[[0]], dmu[[1]])[0], dice(ym[[0]], ym[[2]])[0], dice(ym[[0]], ym[[3]])[0]]
+    assert max(unrelated) < 0.6, unrelated
+    assert len(set(tokens["dob_dmu"])) == 2  # tells the matcher which pairs share the salt
+
+
+def test_combined_blocking_tokens_need_both_parts(tokeniser: Tokeniser) -> None:
+    records = pd.DataFrame(
+        {
+            "given_canonical": ["amelia", "amelia", "amelia", "bella"],
+            "family_name": ["okafor", "okafor", "okafor", "okafor"],
+            "date_of_birth": ["2014-03-07", "2014-07-03", "2014-03-08", "2014-03-07"],
+        }
+    )
+    tokens = tokeniser.tokenise(records, seed=1)
+    # Same date (day and month in either order) and initial: equal; either part changed: not.
+    assert tokens.loc[0, "dobu_gi"] == tokens.loc[1, "dobu_gi"]
+    assert len({tokens.loc[i, "dobu_gi"] for i in (0, 2, 3)}) == 3
+    assert tokens.loc[0, "dobu_fi"] == tokens.loc[3, "dobu_fi"]
+    # Phonetic names with year and month: equal across the day; not with another name.
+    assert tokens.loc[0, "name_ym"] == tokens.loc[2, "name_ym"]
+    assert tokens.loc[0, "name_ym"] != tokens.loc[3, "name_ym"]
+    assert tokens.loc[0, "name_md"] != tokens.loc[2, "name_md"]
