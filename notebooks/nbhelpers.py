@@ -9,9 +9,12 @@
 * :func:`tokenise_federation` plays every county node of a generated federation (the public
   ``prepare_county``) and maps the ground truth onto pseudonyms.
 * :func:`frequency_alignment_attack` and :func:`cluster_filters` are a **small, illustrative
-  frequency-alignment attack** written for ``04_privacy_tradeoff.ipynb``, because the project
-  has no attack module yet. It is a baseline that measures leakage, not a state-of-the-art
-  cryptanalysis (pattern-mining and graph-matching attacks are stronger).
+  frequency-alignment attack** for ``04_privacy_tradeoff.ipynb``. With salted filters
+  (token spec 2.x) the attacker can pool only the filters made under one salt value, so both
+  take the records' salt values (:func:`salt_values`) as partitions. It is a baseline that
+  measures leakage, not a state-of-the-art cryptanalysis: ``scripts/attack_tokens.py`` holds
+  the project's stronger attacks (calibrated clustering, graph matching, chains across salt
+  values).
 
 Settings from the environment:
 
@@ -29,7 +32,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +47,7 @@ from linkage import TokenSpec, prepare_county
 from linkage.analysis import Pair, pseudonym_truth
 from linkage.pipeline import PreparedCounty
 from linkage.synthetic import SyntheticFederation
-from linkage.tokenise import BloomSpec
+from linkage.tokenise import SALTS, BloomSpec
 
 __all__ = [
     "NOTEBOOK_SECRET",
@@ -57,6 +60,7 @@ __all__ = [
     "output_dir",
     "quiet_splink",
     "repo_root",
+    "salt_values",
     "show",
     "tokenise_federation",
     "values_by_record",
@@ -219,6 +223,7 @@ def frequency_alignment_attack(
     reference: Sequence[str | None],
     *,
     top: int = 50,
+    partitions: Sequence[Hashable] | None = None,
 ) -> AttackResult:
     """Guess plaintext by aligning the frequency ranks of encodings with a public frequency list.
 
@@ -232,24 +237,52 @@ def frequency_alignment_attack(
         observed: The encoding of each record (``None`` where missing).
         actual: The true value of each record, only to score the attack.
         reference: The attacker's public sample of values.
-        top: How many of the most frequent encodings the attacker aligns.
+        top: How many of the most frequent encodings the attacker aligns (in each partition).
+        partitions: A group per record, when encodings are comparable only within a group
+            (filters salted by a part of the date of birth: one group per salt value; keyed
+            tokens that combine a name with the date of birth: one group per date token).
+            Each group is ranked and aligned on its own.
 
     Returns:
         Targets, guesses and correct guesses.
     """
     if len(observed) != len(actual):
         raise ValueError("observed and actual must have one entry per record")
-    present = [(o, a) for o, a in zip(observed, actual, strict=True) if o is not None and a]
-    encodings = [enc for enc, _ in Counter(o for o, _ in present).most_common(top)]
+    groups: Sequence[Hashable] = [None] * len(observed) if partitions is None else partitions
+    if len(groups) != len(observed):
+        raise ValueError("partitions must have one entry per record")
+    present = [
+        (g, o, a) for g, o, a in zip(groups, observed, actual, strict=True) if o is not None and a
+    ]
     values = [val for val, _ in Counter(v for v in reference if v).most_common(top)]
-    guess = dict(zip(encodings, values, strict=False))
-    guessed = [(guess[o], a) for o, a in present if o in guess]
+    counts: defaultdict[Hashable, Counter[Hashable]] = defaultdict(Counter)
+    for g, o, _ in present:
+        counts[g][o] += 1
+    guess = {
+        (g, enc): val
+        for g, counter in counts.items()
+        for (enc, _), val in zip(counter.most_common(top), values, strict=False)
+    }
+    guessed = [(guess[g, o], a) for g, o, a in present if (g, o) in guess]
     correct = sum(1 for g, a in guessed if g == a)
     return AttackResult(records=len(present), guessed=len(guessed), correct=correct)
 
 
+def salt_values(prepared: Mapping[str, PreparedCounty], salt: str) -> list[str]:
+    """Each record's salt value (the part of its date of birth that keys its filters under
+    ``salt``; ``""`` without a date of birth), in the order of the concatenated token tables.
+
+    The matcher can rebuild these partitions from the date-of-birth tokens (``dob_ym`` is the
+    year and month; ``dob_dmu`` the decade with the unordered month and day); they are read
+    from the plaintext here, which favours the attacker.
+    """
+    fn = SALTS[salt]
+    return [fn(d) if d else "" for d in values_by_record(prepared, "date_of_birth")]
+
+
 def filter_words(tokens: pd.DataFrame, field: str, words: int) -> npt.NDArray[np.uint64]:
-    """The Bloom-filter words of one field as an ``(n, words)`` unsigned array (0 where missing)."""
+    """The Bloom-filter words of one filter column (``given``, ``given_ym``, ...) as an
+    ``(n, words)`` unsigned array (0 where missing)."""
     columns = [f"{field}_bf_{i}" for i in range(words)]
     signed = tokens[columns].fillna(0).to_numpy(dtype=np.int64)
     return signed.view(np.uint64)
@@ -265,14 +298,31 @@ def exact_patterns(tokens: pd.DataFrame, field: str, words: int) -> list[tuple[i
 
 
 def cluster_filters(
-    tokens: pd.DataFrame, field: str, words: int, *, min_dice: float = 0.88
+    tokens: pd.DataFrame,
+    field: str,
+    words: int,
+    *,
+    min_dice: float = 0.88,
+    flip: float = 0.0,
+    partitions: Sequence[Hashable] | None = None,
 ) -> list[int | None]:
     """Group similar filters, as an attacker would to undo random bit flips.
 
     Leader clustering: take the first unassigned filter as a leader and give its cluster
-    every unassigned filter with a Dice coefficient of at least ``min_dice`` to it (0.88 is
-    the model's own "identical name" level). Each record's cluster id then stands in for its
-    encoding in :func:`frequency_alignment_attack`.
+    every unassigned filter (of the same partition) with a Dice coefficient of at least
+    ``min_dice`` to it (0.88 is the model's own "identical name" level). With bit flips the
+    Dice is the flip-corrected estimate the matcher itself uses, so that equal names score
+    about 1 again. Each record's cluster id then stands in for its encoding in
+    :func:`frequency_alignment_attack`.
+
+    Args:
+        tokens: Token tables, concatenated.
+        field: Filter column prefix (``given``, ``given_ym``, ...).
+        words: 64-bit words per filter.
+        min_dice: Dice coefficient at which a filter joins a leader's cluster.
+        flip: The spec's flip probability (0: plain Dice).
+        partitions: A group per record (a salt value): filters of different groups are
+            never clustered together.
 
     Returns:
         A cluster id per record (``None`` where the field is missing).
@@ -280,14 +330,29 @@ def cluster_filters(
     matrix = filter_words(tokens, field, words)
     missing = tokens[f"{field}_bf_n"].isna().to_numpy()
     counts = np.bitwise_count(matrix).sum(axis=1).astype(np.int64)
+    groups = (
+        np.zeros(len(matrix), dtype=np.int64)
+        if partitions is None
+        else pd.factorize(pd.Series(list(partitions), dtype=object))[0]
+    )
+    bits = 64 * words
     labels = np.full(len(matrix), -1, dtype=np.int64)
     labels[missing] = -2
     for i in range(len(matrix)):
         if labels[i] != -1:
             continue
-        free = np.flatnonzero(labels == -1)
+        free = np.flatnonzero((labels == -1) & (groups == groups[i]))
         shared = np.bitwise_count(matrix[free] & matrix[i]).sum(axis=1).astype(np.int64)
-        dice = 2.0 * shared / np.maximum(counts[free] + counts[i], 1)
+        total = counts[free] + counts[i]
+        if flip:
+            # E[shared'] = (1-2p)^2 shared + p total' - n p^2 and E[pop'] = (1-2p) pop + n p.
+            dice = (
+                2.0
+                * (shared - flip * total + bits * flip * flip)
+                / ((1 - 2 * flip) * np.maximum(total - 2 * bits * flip, 1))
+            )
+        else:
+            dice = 2.0 * shared / np.maximum(total, 1)
         labels[free[dice >= min_dice]] = i
         labels[i] = i
     return [None if label < 0 else int(label) for label in labels.tolist()]
