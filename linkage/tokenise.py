@@ -415,48 +415,90 @@ class Tokeniser:
         rng = np.random.default_rng(seed)
         for f in BLOOM_FIELDS:
             for view in self.spec.bloom.views:
-                if view:
-                    # The salt value prefixes every q-gram (a prefix-free "salt\0gram"), so
-                    # each salt value keys its own filters. Records without a date of birth
-                    # share the empty salt: comparable only with each other.
-                    salt = source(f"salt:{view[1:]}")
-                    salted = texts[f].combine(
-                        salt, lambda text, s: f"{s}\0{text}" if text else None, either=True
-                    )
-                else:
-                    salted = texts[f]
-                key = self._keys[f"bloom:{f}{view}"]
-                words, counts, missing = self._bloom(salted, key, rng)
+                # The salt value prefixes every q-gram (a prefix-free "salt\0gram"), so each
+                # salt value keys its own filters. Records without a date of birth share the
+                # empty salt: comparable only with each other.
+                salt = source(f"salt:{view[1:]}") if view else None
+                name = f"bloom:{f}{view}"
+                words, counts, missing = self._bloom(
+                    texts[f], salt, self._keys[name], self._aes[name], rng
+                )
                 for i in range(self.spec.bloom.words):
                     out[f"{f}{view}_bf_{i}"] = pd.arrays.IntegerArray(words[:, i].copy(), missing)
                 out[f"{f}{view}_bf_n"] = pd.arrays.IntegerArray(counts, missing)
         return pd.DataFrame({c: out[c] for c in self.spec.token_columns()}, index=pd.RangeIndex(n))
 
     def _bloom(
-        self, texts: _Factor, key: bytes, rng: np.random.Generator
+        self,
+        texts: _Factor,
+        salt: _Factor | None,
+        key: bytes,
+        aes_key: bytes,
+        rng: np.random.Generator,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each record's filter words (flipped), popcounts and missing mask.
+
+        Vectorised over records: the q-grams of each distinct name are listed once, each
+        record's (salt, name) combination is an integer, each distinct salted q-gram is hashed
+        once, and a combination's filter is the OR of its q-grams' filters. (With a salt almost
+        every record is its own combination, so nothing here may loop over records in Python.)
+        """
         spec = self.spec.bloom
-        codes, uniques = texts.codes, texts.uniques
-        # Each distinct text's q-grams (a salted text "salt\0name" gives "salt\0" + gram),
-        # each distinct q-gram hashed once, the positions OR-ed into the table in one go.
-        gram_index: dict[str, int] = {}
-        owner: list[int] = []
-        gram_of: list[int] = []
-        for i, text in enumerate(uniques):
-            salt, sep, name = text.rpartition("\0")
-            prefix = salt + sep
-            for gram in _qgrams(name, spec.qgram):
-                owner.append(i)
-                gram_of.append(gram_index.setdefault(prefix + gram, len(gram_index)))
-        positions = _gram_positions(list(gram_index), key, spec)  # (grams, hash_count)
-        table = np.zeros((len(uniques) + 1, spec.words), dtype=np.uint64)
-        if owner:
-            pos = positions[np.asarray(gram_of)]  # (pairs, hash_count)
-            rows = np.repeat(np.asarray(owner), spec.hash_count)
-            flat = pos.reshape(-1).astype(np.uint64)
-            bits = np.left_shift(np.uint64(1), flat % np.uint64(64))
-            np.bitwise_or.at(table, (rows, (flat // np.uint64(64)).astype(np.intp)), bits)
-        words = table[codes]
+        # The q-grams of each distinct text, as ids into a vocabulary of q-grams.
+        vocabulary: dict[str, int] = {}
+        lengths = np.zeros(len(texts.uniques), dtype=np.intp)
+        ids: list[int] = []
+        for t, text in enumerate(texts.uniques):
+            grams = _qgrams(text, spec.qgram)
+            lengths[t] = len(grams)
+            ids.extend(vocabulary.setdefault(g, len(vocabulary)) for g in grams)
+        gram_ids = np.asarray(ids, dtype=np.int64)
+        starts = np.cumsum(lengths) - lengths
+        # Each record's (salt, text) combination; a missing salt is a salt value of its own.
+        present = texts.codes >= 0
+        n_texts = max(len(texts.uniques), 1)
+        if salt is None:
+            salt_codes = np.zeros(len(texts.codes), dtype=np.int64)
+            prefixes = [""]
+        else:
+            salt_codes = np.where(salt.codes >= 0, salt.codes, len(salt.uniques))
+            prefixes = [f"{value}\0" for value in [*salt.uniques, ""]]
+        pair = salt_codes[present].astype(np.int64) * n_texts + texts.codes[present]
+        combos, inverse = np.unique(pair, return_inverse=True)
+        combo_salt, combo_text = np.divmod(combos, n_texts)
+        # The salted q-grams of each combination, as one flat array.
+        per = lengths[combo_text]
+        first = np.cumsum(per) - per
+        flat = (
+            np.arange(int(per.sum())) - np.repeat(first, per) + np.repeat(starts[combo_text], per)
+        )
+        salted = np.repeat(combo_salt, per) * len(vocabulary) + gram_ids[flat]
+        distinct, which = np.unique(salted, return_inverse=True)
+        salt_of, gram_of = np.divmod(distinct, max(len(vocabulary), 1))
+        positions = _gram_positions(  # (distinct salted grams, hash_count)
+            [p.encode() for p in prefixes],
+            [g.encode() for g in vocabulary],
+            salt_of,
+            gram_of,
+            key,
+            aes_key,
+            spec,
+        )
+        masks = np.zeros((len(distinct), spec.words), dtype=np.uint64)
+        if len(distinct):
+            rows = np.repeat(np.arange(len(distinct)), spec.hash_count)
+            bit = positions.reshape(-1).astype(np.uint64)
+            np.bitwise_or.at(
+                masks,
+                (rows, (bit // np.uint64(64)).astype(np.intp)),
+                np.left_shift(np.uint64(1), bit % np.uint64(64)),
+            )
+        table = np.zeros((len(combos) + 1, spec.words), dtype=np.uint64)  # last row: missing
+        if len(combos):
+            table[:-1] = np.bitwise_or.reduceat(masks[which], first, axis=0)
+        record_combo = np.full(len(texts.codes), len(combos), dtype=np.intp)
+        record_combo[present] = inverse.reshape(-1)
+        words = table[record_combo]
         k = _flip_exponent(spec.flip_probability) if spec.flip_probability else None
         if k is not None:
             # A bit set in k independent uniform words is set with probability 2**-k.
@@ -465,7 +507,7 @@ class Tokeniser:
                 flips &= rng.integers(0, 2**64, size=words.shape, dtype=np.uint64)
             words ^= flips
         counts = np.bitwise_count(words).sum(axis=1, dtype=np.int16)
-        return words.view(np.int64), counts, codes < 0
+        return words.view(np.int64), counts, ~present
 
 
 class _Factor:
@@ -574,14 +616,56 @@ def _qgrams(text: str, q: int) -> Sequence[str]:
     return [padded[i : i + q] for i in range(max(1, len(padded) - q + 1))]
 
 
-def _gram_positions(grams: list[str], key: bytes, spec: BloomSpec) -> np.ndarray:
-    """The ``hash_count`` filter positions of each q-gram, as a (grams, hash_count) array."""
-    # Positions come from one keyed hash of the q-gram: independent positions, unlike
-    # double hashing, whose regular patterns Kroll and Steinmetzer (2015) exploited.
-    size = 2 * spec.hash_count
-    digests = b"".join(
-        hashlib.blake2b(gram.encode(), key=key, digest_size=size).digest() for gram in grams
-    )
-    # 16-bit draws: filter lengths are powers of two up to 4096 in practice, so ``%`` is exact.
-    draws = np.frombuffer(digests, dtype="<u2").reshape(len(grams), spec.hash_count)
-    return (draws % spec.bits).astype(np.int64)
+def _gram_positions(
+    prefixes: list[bytes],
+    grams: list[bytes],
+    prefix_of: np.ndarray,
+    gram_of: np.ndarray,
+    key: bytes,
+    aes_key: bytes,
+    spec: BloomSpec,
+) -> np.ndarray:
+    """The ``hash_count`` filter positions of each salted q-gram ``prefixes[prefix_of[i]] +
+    grams[gram_of[i]]``, as a (q-grams, hash_count) array."""
+    # Positions come from one keyed pseudorandom function of the salted q-gram: independent
+    # positions, unlike double hashing, whose regular patterns Kroll and Steinmetzer (2015)
+    # exploited. With salts nearly every record brings its own salted q-grams, so they are
+    # assembled as byte arrays and encrypted in one AES-256 call (counter blocks); one too long
+    # for a block is keyed BLAKE2b instead.
+    blocks = -(-2 * spec.hash_count // 16)  # 16-bit draws, eight per AES block
+    draws = np.empty((len(prefix_of), blocks * 8), dtype="<u2")
+    p_len = np.array([len(p) for p in prefixes], dtype=np.intp)[prefix_of]
+    g_len = np.array([len(g) for g in grams], dtype=np.intp)[gram_of]
+    short = p_len + g_len <= 14
+    rows = np.flatnonzero(short)
+    if len(rows):
+        # A block: the counter byte, the salted q-gram, 0x80, then zeros (injective padding).
+        width = 15
+        p_bytes = _byte_table(prefixes, width)[prefix_of[rows]]
+        g_bytes = _byte_table(grams, width)[gram_of[rows]]
+        k = np.arange(width)[None, :]
+        lp, lg = p_len[rows][:, None], g_len[rows][:, None]
+        from_gram = np.take_along_axis(g_bytes, np.clip(k - lp, 0, width - 1), axis=1)
+        body = np.where(k < lp, p_bytes, np.where(k < lp + lg, from_gram, 0))
+        body[k == lp + lg] = 0x80
+        plain = np.empty((len(rows), blocks, 16), dtype=np.uint8)
+        plain[:, :, 0] = np.arange(blocks, dtype=np.uint8)
+        plain[:, :, 1:] = body[:, None, :]
+        encryptor = Cipher(algorithms.AES(aes_key), modes.ECB()).encryptor()
+        cipher = encryptor.update(plain.tobytes()) + encryptor.finalize()
+        draws[rows] = np.frombuffer(cipher, dtype="<u2").reshape(len(rows), blocks * 8)
+    for i in np.flatnonzero(~short):
+        data = prefixes[prefix_of[i]] + grams[gram_of[i]]
+        digest = hashlib.blake2b(data, key=key, digest_size=blocks * 16).digest()
+        draws[i] = np.frombuffer(digest, dtype="<u2")
+    # Filter lengths are powers of two up to 4096 in practice, so ``%`` is exact.
+    return (draws[:, : spec.hash_count] % spec.bits).astype(np.int64)
+
+
+def _byte_table(values: list[bytes], width: int) -> np.ndarray:
+    """Values as rows of a (len(values), width) uint8 array, zero-filled (longer: cut)."""
+    table = np.zeros((max(len(values), 1), width), dtype=np.uint8)
+    for i, value in enumerate(values):
+        cut = value[:width]
+        table[i, : len(cut)] = np.frombuffer(cut, dtype=np.uint8)
+    return table
