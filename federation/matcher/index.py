@@ -257,7 +257,8 @@ class LinkIndex:
         with self.store.lock:
             conn = self.store.conn
             pending = conn.execute(
-                "SELECT source_dataset, pseudonym FROM pending ORDER BY queued_at LIMIT ?",
+                "SELECT source_dataset, pseudonym, queued_at FROM pending "
+                "ORDER BY queued_at LIMIT ?",
                 [limit],
             ).df()
             if pending.empty:
@@ -298,10 +299,15 @@ class LinkIndex:
                 # DuckDB's upsert costs several times as much at a million pairs.
                 conn.execute("INSERT INTO pairs SELECT * FROM p")
                 conn.unregister("p")
-            conn.execute(
-                "DELETE FROM pending WHERE (source_dataset, pseudonym) IN (SELECT c, k FROM k)"
-            )
             conn.unregister("k")
+            # Only the queue entries read above: a batch stored while this round scored has
+            # re-queued its records with a later time, and they must stay queued.
+            conn.register("done", pending)
+            conn.execute(
+                "DELETE FROM pending WHERE (source_dataset, pseudonym, queued_at) IN "
+                "(SELECT source_dataset, pseudonym, queued_at FROM done)"
+            )
+            conn.unregister("done")
             t = report.mark("pairs", t)
             seeds = keys | {(c, p) for c, p in neighbours}
             affected = self._recluster(conn, seeds)

@@ -43,6 +43,7 @@ import pyarrow as pa
 
 from federation.node.store import LoadChanges, MessageKind, NodeStore
 from federation.protocol import MAX_BATCH_RECORDS, TokenBatch, TokenSpecRef
+from linkage.errors import InputError
 from linkage.pipeline import ID_COLUMNS, PreparedCounty, Stages, prepare_county
 from linkage.records import ColumnMapping, read_county_file
 from linkage.tokenise import Tokeniser
@@ -137,6 +138,12 @@ def ingest_file(
     """
     if not 1 <= batch_size <= MAX_BATCH_RECORDS:
         raise ValueError(f"batch_size must be between 1 and {MAX_BATCH_RECORDS}")
+    if delta and tokeniser.spec.frequency_classes:
+        # Frequency classes are computed over the file: a feed is not the caseload.
+        raise InputError(
+            f"{Path(path).name}: a delta load cannot be used with a token spec that publishes "
+            "name frequency classes; load the whole export"
+        )
     path = Path(path)
     stages = Stages(progress)
     started = time.time()

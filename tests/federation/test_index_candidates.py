@@ -136,3 +136,28 @@ def test_score_pending_links_a_new_record_through_its_blocks(index: LinkIndex) -
     assert report.records == 1
     stored = index.store.query("SELECT county_l, pseudonym_l, county_r, pseudonym_r FROM pairs")
     assert tuple(pair) in set(stored.itertuples(index=False, name=None))
+
+
+def test_a_record_queued_again_while_its_round_scores_stays_queued(
+    index: LinkIndex, prepared_counties: dict[str, PreparedCounty]
+) -> None:
+    # A batch stored while a round is scoring re-queues its records with a later time; the
+    # round must remove only the queue entries it read, or the newer version is never scored.
+    county, prepared = next(iter(prepared_counties.items()))
+    pseudonym = str(prepared.tokens["pseudonym"].iloc[0])
+    conn = index.store.conn
+    conn.execute("INSERT INTO pending VALUES (?, ?, 1.0)", [county, pseudonym])
+    scoring = index._predict_between
+
+    def scored_while_a_batch_arrives(new: pa.Table, **kw: bool) -> pd.DataFrame:
+        with index.store.transaction() as tx:  # what store_batch does for an upsert
+            tx.execute("INSERT OR REPLACE INTO pending VALUES (?, ?, 2.0)", [county, pseudonym])
+        return scoring(new, **kw)
+
+    index._predict_between = scored_while_a_batch_arrives  # type: ignore[method-assign]
+    report = index.score_pending()
+    assert report.records == 1
+    assert conn.execute("SELECT queued_at FROM pending").fetchall() == [(2.0,)]
+    index._predict_between = scoring  # type: ignore[method-assign]
+    assert index.score_pending().records == 1
+    assert conn.execute("SELECT count(*) FROM pending").fetchall() == [(0,)]

@@ -253,3 +253,17 @@ def test_progress_hook_sees_every_stage(
     assert list(report.seconds) == stages
     with pytest.raises(ValueError):
         ingest_file(store, tmp_path / "c.csv", tokeniser, county=COUNTY, batch_size=0)
+
+
+def test_a_delta_load_is_refused_when_the_spec_publishes_frequency_classes(
+    store: NodeStore, export: pd.DataFrame, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from linkage.errors import InputError
+    from linkage.tokenise import TokenSpec
+
+    spec = replace(TokenSpec(), frequency_classes=True)
+    tokeniser = spec.bind(bytes(range(32)))
+    with pytest.raises(InputError, match="delta load"):
+        ingest_file(store, _write(export, tmp_path / "f.csv"), tokeniser, county=COUNTY, delta=True)
