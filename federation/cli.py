@@ -335,6 +335,7 @@ def node_serve(config: ConfigOption) -> None:
     from federation.node.app import run as run_node
     from federation.settings import NodeSettings, load_settings
 
+    _owner_only_files()
     run_node(_settings(lambda: load_settings(NodeSettings, config)))
 
 
@@ -451,6 +452,7 @@ def matcher_serve(config: ConfigOption) -> None:
     from federation.matcher.app import run as run_matcher
     from federation.settings import MatcherSettings, load_settings
 
+    _owner_only_files()
     run_matcher(_settings(lambda: load_settings(MatcherSettings, config)))
 
 
@@ -579,6 +581,16 @@ def _demo_report(summary: dict[str, Any], out: Path) -> None:
         "link/ (the same files through jigsaw link), matcher/matcher.log and "
         "nodes/<county>/node.log. Run jigsaw demo --keep-running to open the inboxes in a browser."
     )
+
+
+def _owner_only_files() -> None:
+    """Create every file of a serving process readable by its own user only.
+
+    A node's database holds the county's records in plaintext, and the matcher's every
+    county's tokens; DuckDB creates the database, its WAL and spill files with the process's
+    umask, commonly 022 (readable by every local user).
+    """
+    os.umask(0o077)
 
 
 def _settings(load: object) -> Any:

@@ -78,6 +78,13 @@ def test_federation_links_and_alerts_every_county(tmp_path: Path, counties: int)
         for county, alerts in inbox.items():
             own = set(pd.read_csv(tmp_path / "counties" / f"{county}.csv", dtype=str)["record_id"])
             assert {a["local_record_id"] for a in alerts} <= own
+    # The services' databases (plaintext at the nodes, tokens at the matcher) and their WAL
+    # and spill files are readable by their owner only.
+    stores = [*(tmp_path / "fed").rglob("*.duckdb"), *(tmp_path / "fed").rglob("*.duckdb.wal")]
+    assert len(stores) >= counties + 1
+    assert all(p.stat().st_mode & 0o077 == 0 for p in stores), [
+        (p.name, oct(p.stat().st_mode)) for p in stores
+    ]
 
 
 def test_changes_and_withdrawals_reach_every_county(tmp_path: Path) -> None:
