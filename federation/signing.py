@@ -189,15 +189,7 @@ class SignedEnvelope:
         }
 
     def _signed_fields(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "sender": self.sender,
-            "recipient": self.recipient,
-            "kind": self.kind,
-            "timestamp": self.timestamp,
-            "nonce": self.nonce,
-            "body": self.body,
-        }
+        return {**self._head_fields(), "body": self.body}
 
     @classmethod
     def parse(cls, envelope: Any) -> SignedEnvelope:

@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from federation.matcher.store import MatcherStore, keyed
+from federation.matcher.store import MatcherStore, keyed, registered
 from federation.registry import Registry
 from linkage.cluster import cluster_people, link_families
 from linkage.engine import DEFAULT_SPARK_MASTER, Engine, SplinkEngine
@@ -188,15 +188,12 @@ class LinkIndex:
             conn.execute("DELETE FROM clusters")
             conn.execute("DELETE FROM families")
             conn.execute("DELETE FROM pending WHERE queued_at <= ?", [read_at])
-            conn.register("p", pairs)
-            conn.execute("INSERT INTO pairs SELECT * FROM p")
-            conn.unregister("p")
-            conn.register("m", members)
-            conn.execute("INSERT INTO clusters SELECT cluster_id, county, pseudonym FROM m")
-            conn.unregister("m")
-            conn.register("f", result.families)
-            conn.execute("INSERT INTO families SELECT family_id, county, household FROM f")
-            conn.unregister("f")
+            with registered(conn, "p", pairs):
+                conn.execute("INSERT INTO pairs SELECT * FROM p")
+            with registered(conn, "m", members):
+                conn.execute("INSERT INTO clusters SELECT cluster_id, county, pseudonym FROM m")
+            with registered(conn, "f", result.families):
+                conn.execute("INSERT INTO families SELECT family_id, county, household FROM f")
             # In the same transaction: a crash must not leave new clusters without their
             # alerts (nothing would queue them again).
             queued = self._queue_alerts(conn, None)
@@ -265,12 +262,11 @@ class LinkIndex:
                 return report
             keys = set(zip(pending["source_dataset"], pending["pseudonym"], strict=True))
             # The queued records' tokens (a tombstoned record has none: it is only re-clustered).
-            conn.register("k", _key_table(keys))
-            new = conn.sql(
-                "SELECT * EXCLUDE (row_id, epoch, batch_id, stored_at) FROM "
-                f"{keyed('tokens', 'source_dataset', 'pseudonym', 'k')}"
-            ).to_arrow_table()
-            conn.unregister("k")
+            with registered(conn, "k", _key_table(keys)):
+                new = conn.sql(
+                    "SELECT * EXCLUDE (row_id, epoch, batch_id, stored_at) FROM "
+                    f"{keyed('tokens', 'source_dataset', 'pseudonym', 'k')}"
+                ).to_arrow_table()
         t = report.mark("read", start)
         scored = pd.DataFrame()
         if new.num_rows:
@@ -282,32 +278,29 @@ class LinkIndex:
             scored = scored[scored["match_probability"] >= threshold]
         pairs = self._pairs_frame(scored) if len(scored) else scored
         with self.store.transaction() as conn:
-            conn.register("k", _key_table(keys))
-            left = keyed("pairs", "county_l", "pseudonym_l", "k")
-            right = keyed("pairs", "county_r", "pseudonym_r", "k")
-            neighbours = conn.execute(
-                f"SELECT county_r, pseudonym_r FROM {left} "
-                f"UNION SELECT county_l, pseudonym_l FROM {right}"
-            ).fetchall()
-            conn.execute(
-                "DELETE FROM pairs WHERE rowid IN "
-                f"(SELECT row_id FROM {left} UNION SELECT row_id FROM {right})"
-            )
-            if len(pairs):
-                conn.register("p", pairs)
-                # Every stored pair of these records was deleted above, so a plain insert:
-                # DuckDB's upsert costs several times as much at a million pairs.
-                conn.execute("INSERT INTO pairs SELECT * FROM p")
-                conn.unregister("p")
-            conn.unregister("k")
+            with registered(conn, "k", _key_table(keys)):
+                left = keyed("pairs", "county_l", "pseudonym_l", "k")
+                right = keyed("pairs", "county_r", "pseudonym_r", "k")
+                neighbours = conn.execute(
+                    f"SELECT county_r, pseudonym_r FROM {left} "
+                    f"UNION SELECT county_l, pseudonym_l FROM {right}"
+                ).fetchall()
+                conn.execute(
+                    "DELETE FROM pairs WHERE rowid IN "
+                    f"(SELECT row_id FROM {left} UNION SELECT row_id FROM {right})"
+                )
+                if len(pairs):
+                    with registered(conn, "p", pairs):
+                        # Every stored pair of these records was deleted above, so a plain insert:
+                        # DuckDB's upsert costs several times as much at a million pairs.
+                        conn.execute("INSERT INTO pairs SELECT * FROM p")
             # Only the queue entries read above: a batch stored while this round scored has
             # re-queued its records with a later time, and they must stay queued.
-            conn.register("done", pending)
-            conn.execute(
-                "DELETE FROM pending WHERE (source_dataset, pseudonym, queued_at) IN "
-                "(SELECT source_dataset, pseudonym, queued_at FROM done)"
-            )
-            conn.unregister("done")
+            with registered(conn, "done", pending):
+                conn.execute(
+                    "DELETE FROM pending WHERE (source_dataset, pseudonym, queued_at) IN "
+                    "(SELECT source_dataset, pseudonym, queued_at FROM done)"
+                )
             t = report.mark("pairs", t)
             seeds = keys | {(c, p) for c, p in neighbours}
             affected = self._recluster(conn, seeds)
@@ -393,34 +386,33 @@ class LinkIndex:
         component |= self._cluster_members_of(conn, component)
         frontier = set(component)
         while frontier:
-            conn.register("f", _key_table(frontier))
-            ends = conn.execute(
-                "SELECT county_l, pseudonym_l, county_r, pseudonym_r FROM "
-                f"{keyed('pairs', 'county_l', 'pseudonym_l', 'f')} UNION "
-                "SELECT county_l, pseudonym_l, county_r, pseudonym_r FROM "
-                f"{keyed('pairs', 'county_r', 'pseudonym_r', 'f')}"
-            ).fetchall()
-            conn.unregister("f")
+            with registered(conn, "f", _key_table(frontier)):
+                ends = conn.execute(
+                    "SELECT county_l, pseudonym_l, county_r, pseudonym_r FROM "
+                    f"{keyed('pairs', 'county_l', 'pseudonym_l', 'f')} UNION "
+                    "SELECT county_l, pseudonym_l, county_r, pseudonym_r FROM "
+                    f"{keyed('pairs', 'county_r', 'pseudonym_r', 'f')}"
+                ).fetchall()
             found = {(cl, pl) for cl, pl, _, _ in ends} | {(cr, pr) for _, _, cr, pr in ends}
             frontier = found - component
             component |= found
         if not component:
             return component
-        conn.register("c", _key_table(component))
-        pairs = conn.execute(
-            f"SELECT * EXCLUDE (row_id) FROM {keyed('pairs', 'county_l', 'pseudonym_l', 'c')}"
-        ).df()
-        in_clusters = keyed("clusters", "county", "pseudonym", "c")
-        rows = conn.execute(f"SELECT county, pseudonym, cluster_id FROM {in_clusters}").fetchall()
-        previous: dict[Key, str] = {(c, p): cid for c, p, cid in rows}
-        conn.execute(f"DELETE FROM clusters WHERE rowid IN (SELECT row_id FROM {in_clusters})")
-        conn.unregister("c")
+        with registered(conn, "c", _key_table(component)):
+            pairs = conn.execute(
+                f"SELECT * EXCLUDE (row_id) FROM {keyed('pairs', 'county_l', 'pseudonym_l', 'c')}"
+            ).df()
+            in_clusters = keyed("clusters", "county", "pseudonym", "c")
+            rows = conn.execute(
+                f"SELECT county, pseudonym, cluster_id FROM {in_clusters}"
+            ).fetchall()
+            previous: dict[Key, str] = {(c, p): cid for c, p, cid in rows}
+            conn.execute(f"DELETE FROM clusters WHERE rowid IN (SELECT row_id FROM {in_clusters})")
         if len(pairs):
             members = _keep_cluster_ids(cluster_people(pairs).members, previous)
             if len(members):
-                conn.register("m", members)
-                conn.execute("INSERT INTO clusters SELECT cluster_id, county, pseudonym FROM m")
-                conn.unregister("m")
+                with registered(conn, "m", members):
+                    conn.execute("INSERT INTO clusters SELECT cluster_id, county, pseudonym FROM m")
         return component
 
     @staticmethod
@@ -428,61 +420,54 @@ class LinkIndex:
         """Every record in a cluster with one of ``keys``."""
         if not keys:
             return set()
-        conn.register("q", _key_table(keys))
-        rows = conn.execute(
-            "SELECT county, pseudonym FROM clusters WHERE cluster_id IN (SELECT cluster_id "
-            f"FROM {keyed('clusters', 'county', 'pseudonym', 'q')})"
-        ).fetchall()
-        conn.unregister("q")
+        with registered(conn, "q", _key_table(keys)):
+            rows = conn.execute(
+                "SELECT county, pseudonym FROM clusters WHERE cluster_id IN (SELECT cluster_id "
+                f"FROM {keyed('clusters', 'county', 'pseudonym', 'q')})"
+            ).fetchall()
         return {(c, p) for c, p in rows}
 
     @staticmethod
     def _households_of(conn: Any, records: Iterable[Key]) -> set[Key]:
         """The ``(county, household)`` of each of ``records`` that has one."""
-        conn.register("q", _key_table(records))
-        rows = conn.execute(
-            "SELECT source_dataset, household FROM "
-            f"{keyed('tokens', 'source_dataset', 'pseudonym', 'q')} WHERE household IS NOT NULL"
-        ).fetchall()
-        conn.unregister("q")
+        with registered(conn, "q", _key_table(records)):
+            rows = conn.execute(
+                "SELECT source_dataset, household FROM "
+                f"{keyed('tokens', 'source_dataset', 'pseudonym', 'q')} WHERE household IS NOT NULL"
+            ).fetchall()
         return {(c, h) for c, h in rows}
 
     @staticmethod
     def _family_members(conn: Any, households: set[Key]) -> pd.DataFrame:
         """Every member (``cluster_id, county, pseudonym, household``) of the clusters that
         hold a record of one of ``households``: one index lookup per step."""
-        conn.register("h", _key_table(households))
-        records_in = conn.execute(
-            "SELECT source_dataset, pseudonym FROM "
-            f"{keyed('tokens', 'source_dataset', 'household', 'h')}"
-        ).fetchall()
-        conn.unregister("h")
-        conn.register("q", _key_table(records_in))
-        clustered = conn.execute(
-            "SELECT cluster_id, county, pseudonym FROM clusters WHERE cluster_id IN "
-            f"(SELECT cluster_id FROM {keyed('clusters', 'county', 'pseudonym', 'q')})"
-        ).df()
-        conn.unregister("q")
-        conn.register(
-            "q", _key_table(zip(clustered["county"], clustered["pseudonym"], strict=True))
-        )
-        held = conn.execute(
-            "SELECT source_dataset AS county, pseudonym, household FROM "
-            f"{keyed('tokens', 'source_dataset', 'pseudonym', 'q')}"
-        ).df()
-        conn.unregister("q")
+        with registered(conn, "h", _key_table(households)):
+            records_in = conn.execute(
+                "SELECT source_dataset, pseudonym FROM "
+                f"{keyed('tokens', 'source_dataset', 'household', 'h')}"
+            ).fetchall()
+        with registered(conn, "q", _key_table(records_in)):
+            clustered = conn.execute(
+                "SELECT cluster_id, county, pseudonym FROM clusters WHERE cluster_id IN "
+                f"(SELECT cluster_id FROM {keyed('clusters', 'county', 'pseudonym', 'q')})"
+            ).df()
+        members = _key_table(zip(clustered["county"], clustered["pseudonym"], strict=True))
+        with registered(conn, "q", members):
+            held = conn.execute(
+                "SELECT source_dataset AS county, pseudonym, household FROM "
+                f"{keyed('tokens', 'source_dataset', 'pseudonym', 'q')}"
+            ).df()
         return clustered.merge(held, on=["county", "pseudonym"])
 
     def _refamily(self, conn: Any, records: set[Key]) -> set[Key]:
         """Recompute the families reachable from the households of ``records``."""
         households = self._households_of(conn, records)
         # ... and every household already in a family with one of them.
-        conn.register("q", _key_table(households))
-        rows = conn.execute(
-            "SELECT county, household FROM families WHERE family_id IN (SELECT family_id "
-            f"FROM {keyed('families', 'county', 'household', 'q')})"
-        ).fetchall()
-        conn.unregister("q")
+        with registered(conn, "q", _key_table(households)):
+            rows = conn.execute(
+                "SELECT county, household FROM families WHERE family_id IN (SELECT family_id "
+                f"FROM {keyed('families', 'county', 'household', 'q')})"
+            ).fetchall()
         households |= {(c, h) for c, h in rows}
         frontier = set(households)
         while frontier:
@@ -493,21 +478,19 @@ class LinkIndex:
         # made of.
         members = self._family_members(conn, households)
         if households:
-            conn.register("h", _key_table(households))
-            conn.execute(
-                "DELETE FROM families WHERE rowid IN (SELECT row_id FROM "
-                f"{keyed('families', 'county', 'household', 'h')})"
-            )
-            conn.unregister("h")
+            with registered(conn, "h", _key_table(households)):
+                conn.execute(
+                    "DELETE FROM families WHERE rowid IN (SELECT row_id FROM "
+                    f"{keyed('families', 'county', 'household', 'h')})"
+                )
         if len(members):
             hh = members[["county", "pseudonym", "household"]]
             families = link_families(members[["cluster_id", "county", "pseudonym"]], hh)
             if len(families):
-                conn.register("f", families)
-                # Every household here was deleted above (the closure holds them all), so a
-                # plain insert: DuckDB's upsert costs ten times as much.
-                conn.execute("INSERT INTO families SELECT family_id, county, household FROM f")
-                conn.unregister("f")
+                with registered(conn, "f", families):
+                    # Every household here was deleted above (the closure holds them all), so a
+                    # plain insert: DuckDB's upsert costs ten times as much.
+                    conn.execute("INSERT INTO families SELECT family_id, county, household FROM f")
         return households
 
     # ------------------------------------------------------------------ alerts
@@ -543,12 +526,11 @@ class LinkIndex:
             else:
                 ids = [alert_id_for("person", c, p) for c, p in records]
                 ids += [alert_id_for("family", c, h) for c, h in (households or [])]
-                conn.register("ids", pa.table({"alert_id": pa.array(ids, pa.string())}))
-                current = conn.execute(
-                    "SELECT alert_id, version, state, digest FROM alerts "
-                    "WHERE alert_id IN (SELECT alert_id FROM ids)"  # the key index, no scan
-                ).fetchall()
-                conn.unregister("ids")
+                with registered(conn, "ids", pa.table({"alert_id": pa.array(ids, pa.string())})):
+                    current = conn.execute(
+                        "SELECT alert_id, version, state, digest FROM alerts "
+                        "WHERE alert_id IN (SELECT alert_id FROM ids)"  # the key index, no scan
+                    ).fetchall()
             existing = {a: (v, s, d) for a, v, s, d in current}
             rows = []
             for alert_id, (county, kind, subject, body) in desired.items():
@@ -614,19 +596,18 @@ class LinkIndex:
                         "updated_at",
                     ],
                 )
-                conn.register("a", frame)
-                conn.execute(
-                    "INSERT INTO alerts (alert_id, county, kind, subject, version, state, "
-                    "digest, body, "
-                    "delivered_version, attempts, next_attempt_at, updated_at) "
-                    "SELECT alert_id, county, kind, subject, version, state, digest, body, "
-                    "NULL, 0, 0, updated_at "
-                    "FROM a ON CONFLICT (alert_id) DO UPDATE SET version = EXCLUDED.version, "
-                    "state = EXCLUDED.state, digest = EXCLUDED.digest, body = EXCLUDED.body, "
-                    "attempts = 0, next_attempt_at = 0, updated_at = EXCLUDED.updated_at"
-                )
-                conn.execute("INSERT OR IGNORE INTO alerts_due SELECT alert_id FROM a")
-                conn.unregister("a")
+                with registered(conn, "a", frame):
+                    conn.execute(
+                        "INSERT INTO alerts (alert_id, county, kind, subject, version, state, "
+                        "digest, body, "
+                        "delivered_version, attempts, next_attempt_at, updated_at) "
+                        "SELECT alert_id, county, kind, subject, version, state, digest, body, "
+                        "NULL, 0, 0, updated_at "
+                        "FROM a ON CONFLICT (alert_id) DO UPDATE SET version = EXCLUDED.version, "
+                        "state = EXCLUDED.state, digest = EXCLUDED.digest, body = EXCLUDED.body, "
+                        "attempts = 0, next_attempt_at = 0, updated_at = EXCLUDED.updated_at"
+                    )
+                    conn.execute("INSERT OR IGNORE INTO alerts_due SELECT alert_id FROM a")
                 queued = len(rows)
         return queued
 
@@ -640,28 +621,25 @@ class LinkIndex:
                 members = conn.execute("SELECT * FROM clusters").df()
                 fams = conn.execute("SELECT * FROM families").df()
             else:
-                conn.register("q", _key_table(records))
-                members = conn.execute(
-                    "SELECT * FROM clusters WHERE cluster_id IN (SELECT cluster_id FROM "
-                    f"{keyed('clusters', 'county', 'pseudonym', 'q')})"
-                ).df()
-                conn.unregister("q")
-                conn.register("q", _key_table(households or []))
-                fams = conn.execute(
-                    "SELECT * FROM families WHERE family_id IN (SELECT family_id FROM "
-                    f"{keyed('families', 'county', 'household', 'q')})"
-                ).df()
-                conn.unregister("q")
+                with registered(conn, "q", _key_table(records)):
+                    members = conn.execute(
+                        "SELECT * FROM clusters WHERE cluster_id IN (SELECT cluster_id FROM "
+                        f"{keyed('clusters', 'county', 'pseudonym', 'q')})"
+                    ).df()
+                with registered(conn, "q", _key_table(households or [])):
+                    fams = conn.execute(
+                        "SELECT * FROM families WHERE family_id IN (SELECT family_id FROM "
+                        f"{keyed('families', 'county', 'household', 'q')})"
+                    ).df()
             if records is None:
                 pairs = conn.execute("SELECT * FROM pairs").df()
             else:
                 members_keys = zip(members["county"], members["pseudonym"], strict=True)
-                conn.register("m", _key_table(members_keys))
-                pairs = conn.execute(
-                    "SELECT * EXCLUDE (row_id) FROM "
-                    f"{keyed('pairs', 'county_l', 'pseudonym_l', 'm')}"
-                ).df()
-                conn.unregister("m")
+                with registered(conn, "m", _key_table(members_keys)):
+                    pairs = conn.execute(
+                        "SELECT * EXCLUDE (row_id) FROM "
+                        f"{keyed('pairs', 'county_l', 'pseudonym_l', 'm')}"
+                    ).df()
             # The labelled alerts through the alerts' key index (a join would scan them all).
             labels = conn.execute(
                 "WITH a AS MATERIALIZED (SELECT alert_id, subject, county, kind FROM alerts "
@@ -744,21 +722,18 @@ class LinkIndex:
         if fams.empty:
             return {}
         conn = self.store.conn
-        with self.store.lock:
-            conn.register("f", fams)
-            conn.register("q", _key_table(zip(fams["county"], fams["household"], strict=True)))
-            # A few families: through the household index; all of them (a full link): a join.
-            tokens = (
-                keyed("tokens", "source_dataset", "household", "q") + " AS t"
-                if len(fams) <= 10_000
-                else "tokens t"
-            )
+        keys = _key_table(zip(fams["county"], fams["household"], strict=True))
+        # A few families: through the household index; all of them (a full link): a join.
+        tokens = (
+            keyed("tokens", "source_dataset", "household", "q") + " AS t"
+            if len(fams) <= 10_000
+            else "tokens t"
+        )
+        with self.store.lock, registered(conn, "f", fams), registered(conn, "q", keys):
             rows = conn.execute(
                 f"SELECT f.family_id, t.source_dataset, t.pseudonym FROM f JOIN {tokens} "
                 "ON t.source_dataset = f.county AND t.household = f.household"
             ).fetchall()
-            conn.unregister("q")
-            conn.unregister("f")
         out: dict[str, float] = {}
         for fid, county, pseudonym in rows:
             prob = best.get((county, pseudonym), (0.0, {}))[0]

@@ -54,6 +54,16 @@ _LOOKUP_INDEXES = (
 )
 
 
+@contextmanager
+def registered(conn: Any, name: str, relation: Any) -> Iterator[None]:
+    """``relation`` (a frame or Arrow table) visible to SQL as ``name`` while the block runs."""
+    conn.register(name, relation)
+    try:
+        yield
+    finally:
+        conn.unregister(name)
+
+
 def keyed(table: str, county: str, key: str, keys: str) -> str:
     """SQL for the rows of ``table`` (plus their ``row_id``) whose (``county``, ``key``) pair
     is in the registered relation ``keys``, which has columns ``c`` and ``k``.
@@ -221,46 +231,41 @@ class MatcherStore:
             table = "tokens" if epoch == current else "tokens_next"
             if batch.rows:
                 frame = self._batch_frame(batch, epoch=epoch, now=now)
-                conn.register("incoming", frame)
-                cols = ", ".join(frame.column_names)
-                if table == "tokens":
-                    conn.register(
-                        "incoming_keys",
-                        pa.table({"c": frame["source_dataset"], "k": frame["pseudonym"]}),
-                    )
-                    conn.execute(
-                        "DELETE FROM tokens WHERE rowid IN (SELECT row_id FROM "
-                        f"{keyed('tokens', 'source_dataset', 'pseudonym', 'incoming_keys')})"
-                    )
-                    conn.unregister("incoming_keys")
-                else:
-                    conn.execute(
-                        f"DELETE FROM {table} WHERE source_dataset = ? AND pseudonym IN "
-                        "(SELECT pseudonym FROM incoming)",
-                        [batch.county],
-                    )
-                conn.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM incoming")
-                if table == "tokens":
-                    conn.execute(
-                        "INSERT OR REPLACE INTO pending SELECT source_dataset, pseudonym, ? "
-                        "FROM incoming",
-                        [now],
-                    )
-                conn.unregister("incoming")
+                with registered(conn, "incoming", frame):
+                    cols = ", ".join(frame.column_names)
+                    if table == "tokens":
+                        keys = pa.table({"c": frame["source_dataset"], "k": frame["pseudonym"]})
+                        with registered(conn, "keys", keys):
+                            conn.execute(
+                                "DELETE FROM tokens WHERE rowid IN (SELECT row_id FROM "
+                                f"{keyed('tokens', 'source_dataset', 'pseudonym', 'keys')})"
+                            )
+                    else:
+                        conn.execute(
+                            f"DELETE FROM {table} WHERE source_dataset = ? AND pseudonym IN "
+                            "(SELECT pseudonym FROM incoming)",
+                            [batch.county],
+                        )
+                    conn.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM incoming")
+                    if table == "tokens":
+                        conn.execute(
+                            "INSERT OR REPLACE INTO pending SELECT source_dataset, pseudonym, ? "
+                            "FROM incoming",
+                            [now],
+                        )
             if batch.tombstones:
                 gone = pa.table({"pseudonym": pa.array(batch.tombstones, pa.string())})
-                conn.register("gone", gone)
-                for name in ("tokens", "tokens_next"):
+                with registered(conn, "gone", gone):
+                    for name in ("tokens", "tokens_next"):
+                        conn.execute(
+                            f"DELETE FROM {name} WHERE source_dataset = ? AND pseudonym IN "
+                            "(SELECT pseudonym FROM gone)",
+                            [batch.county],
+                        )
                     conn.execute(
-                        f"DELETE FROM {name} WHERE source_dataset = ? AND pseudonym IN "
-                        "(SELECT pseudonym FROM gone)",
-                        [batch.county],
+                        "INSERT OR REPLACE INTO pending SELECT ?, pseudonym, ? FROM gone",
+                        [batch.county, now],
                     )
-                conn.execute(
-                    "INSERT OR REPLACE INTO pending SELECT ?, pseudonym, ? FROM gone",
-                    [batch.county, now],
-                )
-                conn.unregister("gone")
             if batch.epoch_complete:
                 conn.execute(
                     "INSERT OR IGNORE INTO epoch_completions VALUES (?, ?, ?, ?)",
