@@ -351,9 +351,14 @@ def spark_session(
     scratch.mkdir(parents=True, exist_ok=True)
     log4j = scratch / "log4j2.properties"
     # Errors only; the REPL logger too, or Spark resets the root level to WARN and says so.
+    # The code generator is silenced: the scoring query's generated class exceeds the JVM's
+    # 64 KB method limit, and Spark then logs the failure with a long stack trace as an error
+    # before it falls back, as designed, to compiling each operator on its own.
     log4j.write_text(
         "rootLogger.level = error\nrootLogger.appenderRef.stderr.ref = console\n"
         "logger.repl.name = org.apache.spark.repl.Main\nlogger.repl.level = error\n"
+        "logger.codegen.name = org.apache.spark.sql.catalyst.expressions.codegen.CodeGenerator\n"
+        "logger.codegen.level = off\n"
         "appender.console.type = Console\nappender.console.name = console\n"
         "appender.console.target = SYSTEM_ERR\nappender.console.layout.type = PatternLayout\n"
         "appender.console.layout.pattern = %d{HH:mm:ss} %p %c{1}: %m%n\n"

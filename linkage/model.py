@@ -91,6 +91,13 @@ LEGACY_BLOCKING_RULES: tuple[str, ...] = (
 )
 
 
+def _double(x: float) -> str:
+    """A DOUBLE literal in both engines' SQL. (``0.125`` is a DECIMAL to Spark, whose decimal
+    arithmetic is boxed and made each blocked pair's comparisons twice as slow; the values
+    here are exact in binary, so the results are the same.)"""
+    return f"{float(x):.17e}"
+
+
 def _shared_bits(field_: str, words: int) -> str:
     return " + ".join(
         f"CAST(bit_count({field_}_bf_{i}_l & {field_}_bf_{i}_r) AS INTEGER)" for i in range(words)
@@ -105,11 +112,13 @@ def _shared_bits(field_: str, words: int) -> str:
 def _dice(field_: str, bloom: BloomSpec) -> str:
     words, p, n = bloom.words, bloom.flip_probability, bloom.bits
     total = f"({field_}_bf_n_l + {field_}_bf_n_r)"
+    two = _double(2)
     if not p:
-        return f"(2.0 * ({_shared_bits(field_, words)}) / {total})"
+        return f"({two} * ({_shared_bits(field_, words)}) / {total})"
     return (
-        f"(2.0 * (({_shared_bits(field_, words)}) - {p!r} * {total} + {n * p * p!r})"
-        f" / ({1 - 2 * p!r} * GREATEST({total} - {2 * n * p!r}, 1.0)))"
+        f"({two} * (({_shared_bits(field_, words)}) - {_double(p)} * {total} "
+        f"+ {_double(n * p * p)}) / ({_double(1 - 2 * p)} * GREATEST({total} "
+        f"- {_double(2 * n * p)}, {_double(1)})))"
     )
 
 
@@ -117,11 +126,11 @@ def _overlap(field_: str, bloom: BloomSpec) -> str:
     words, p, n = bloom.words, bloom.flip_probability, bloom.bits
     least = f"LEAST({field_}_bf_n_l, {field_}_bf_n_r)"
     if not p:
-        return f"(1.0 * ({_shared_bits(field_, words)}) / {least})"
+        return f"({_double(1)} * ({_shared_bits(field_, words)}) / {least})"
     total = f"({field_}_bf_n_l + {field_}_bf_n_r)"
     return (
-        f"((({_shared_bits(field_, words)}) - {p!r} * {total} + {n * p * p!r})"
-        f" / ({1 - 2 * p!r} * GREATEST({least} - {n * p!r}, 1.0)))"
+        f"((({_shared_bits(field_, words)}) - {_double(p)} * {total} + {_double(n * p * p)})"
+        f" / ({_double(1 - 2 * p)} * GREATEST({least} - {_double(n * p)}, {_double(1)})))"
     )
 
 
@@ -145,11 +154,11 @@ def _similarity(field_: str, bloom: BloomSpec, measure: Any) -> str:
         return str(measure(field_, bloom))
     same = _same_salts(bloom)
     total = " + ".join(
-        f"CASE WHEN {c} THEN {measure(f'{field_}_{s}', bloom)} ELSE 0.0 END"
+        f"CASE WHEN {c} THEN {measure(f'{field_}_{s}', bloom)} ELSE {_double(0)} END"
         for c, s in zip(same, bloom.salts, strict=True)
     )
     count = " + ".join(f"CASE WHEN {c} THEN 1 ELSE 0 END" for c in same)
-    return f"COALESCE(({total}) / NULLIF({count}, 0), -1.0)"
+    return f"COALESCE(({total}) / NULLIF({count}, 0), {_double(-1)})"
 
 
 def _same_salts(bloom: BloomSpec) -> list[str]:

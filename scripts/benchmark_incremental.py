@@ -66,7 +66,9 @@ def federation_tokens(
     from linkage.synthetic import generate_federation
     from linkage.tokenise import TokenSpec
 
-    folder = cache / f"tokens-{records}-{counties}-{seed}"
+    spec = TokenSpec()
+    # The spec's fingerprint in the name: tokens of another spec (or model) are never reused.
+    folder = cache / f"tokens-{records}-{counties}-{seed}-{spec.fingerprint[:8]}"
     done = folder / "complete.json"
     if done.exists():
         names = json.loads(done.read_text())["counties"]
@@ -75,7 +77,7 @@ def federation_tokens(
     start = time.perf_counter()
     federation = generate_federation(counties=counties, records=records, seed=seed)
     _log(f"generated in {time.perf_counter() - start:.0f} s; tokenising")
-    tokeniser = TokenSpec().bind(BENCH_SECRET)
+    tokeniser = spec.bind(BENCH_SECRET)
     folder.mkdir(parents=True, exist_ok=True)
     tables = {}
     for i, (county, raw) in enumerate(federation.counties.items()):
