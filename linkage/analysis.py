@@ -42,6 +42,7 @@ import pandas as pd
 from linkage.engine import SplinkEngine
 from linkage.evaluate import cluster_pairs
 from linkage.model import BLOCKING_RULES, LinkageModel
+from linkage.relations import registered
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
@@ -314,64 +315,62 @@ def blocking_counts(
         recall the rules allow.
     """
     conn = connection or duckdb.connect()
-    _register_tokens(conn, tables)
-    try:
-        selects = [
-            f"SELECT {i} AS rule, l.source_dataset AS county_l, l.pseudonym AS pseudonym_l, "
-            f"r.source_dataset AS county_r, r.pseudonym AS pseudonym_r "
-            f"FROM __jigsaw_blocking_tokens AS l JOIN __jigsaw_blocking_tokens AS r "
-            f"ON ({rule}) AND l.source_dataset < r.source_dataset"
-            for i, rule in enumerate(rules)
-        ]
-        conn.execute(
-            "CREATE OR REPLACE TEMP TABLE __jigsaw_blocked AS " + " UNION ALL ".join(selects)
-        )
-        alone = dict(
-            conn.execute("SELECT rule, count(*) FROM __jigsaw_blocked GROUP BY 1").fetchall()
-        )
-        first = dict(
+    with registered(conn, _TOKENS, _blocking_tokens(tables)):
+        try:
+            selects = [
+                f"SELECT {i} AS rule, l.source_dataset AS county_l, l.pseudonym AS pseudonym_l, "
+                f"r.source_dataset AS county_r, r.pseudonym AS pseudonym_r "
+                f"FROM __jigsaw_blocking_tokens AS l JOIN __jigsaw_blocking_tokens AS r "
+                f"ON ({rule}) AND l.source_dataset < r.source_dataset"
+                for i, rule in enumerate(rules)
+            ]
             conn.execute(
-                "SELECT first_rule, count(*) FROM (SELECT min(rule) AS first_rule "
-                "FROM __jigsaw_blocked GROUP BY county_l, pseudonym_l, county_r, pseudonym_r) "
-                "GROUP BY 1"
-            ).fetchall()
-        )
-        out = pd.DataFrame(
-            {
-                "rule": list(rules),
-                "comparisons": [int(alone.get(i, 0)) for i in range(len(rules))],
-                "marginal_comparisons": [int(first.get(i, 0)) for i in range(len(rules))],
-            }
-        )
-        out["cumulative_comparisons"] = out["marginal_comparisons"].cumsum()
-        if true_pairs is not None:
-            # Only pairs across counties can be linked (link_only); others are not counted.
-            canonical = sorted({_canonical(*p) for p in true_pairs if p[0] != p[2]})
-            truth = pd.DataFrame(canonical, columns=list(_PAIR_COLUMNS))
-            conn.register("__jigsaw_true_pairs", truth)
-            try:
-                # Blocked pairs have county_l < county_r, as canonical cross-county pairs do.
-                hits = conn.execute(
-                    "SELECT b.rule, count(*) AS alone, "
-                    "count(*) FILTER (WHERE b.rule = f.first_rule) AS marginal "
-                    "FROM __jigsaw_blocked b "
-                    "JOIN (SELECT county_l, pseudonym_l, county_r, pseudonym_r, "
-                    "min(rule) AS first_rule FROM __jigsaw_blocked GROUP BY ALL) f "
-                    "USING (county_l, pseudonym_l, county_r, pseudonym_r) "
-                    "SEMI JOIN __jigsaw_true_pairs t "
-                    "USING (county_l, pseudonym_l, county_r, pseudonym_r) GROUP BY 1"
+                "CREATE OR REPLACE TEMP TABLE __jigsaw_blocked AS " + " UNION ALL ".join(selects)
+            )
+            alone = dict(
+                conn.execute("SELECT rule, count(*) FROM __jigsaw_blocked GROUP BY 1").fetchall()
+            )
+            first = dict(
+                conn.execute(
+                    "SELECT first_rule, count(*) FROM (SELECT min(rule) AS first_rule "
+                    "FROM __jigsaw_blocked GROUP BY county_l, pseudonym_l, county_r, pseudonym_r) "
+                    "GROUP BY 1"
                 ).fetchall()
-            finally:
-                conn.unregister("__jigsaw_true_pairs")
-            by_rule = {rule: (alone_n, marginal_n) for rule, alone_n, marginal_n in hits}
-            out["true_pairs"] = [int(by_rule.get(i, (0, 0))[0]) for i in range(len(rules))]
-            out["marginal_true_pairs"] = [int(by_rule.get(i, (0, 0))[1]) for i in range(len(rules))]
-            total = len(canonical)
-            out["cumulative_recall"] = out["marginal_true_pairs"].cumsum() / total if total else 1.0
-        return out
-    finally:
-        conn.execute("DROP TABLE IF EXISTS __jigsaw_blocked")
-        conn.unregister("__jigsaw_blocking_tokens")
+            )
+            out = pd.DataFrame(
+                {
+                    "rule": list(rules),
+                    "comparisons": [int(alone.get(i, 0)) for i in range(len(rules))],
+                    "marginal_comparisons": [int(first.get(i, 0)) for i in range(len(rules))],
+                }
+            )
+            out["cumulative_comparisons"] = out["marginal_comparisons"].cumsum()
+            if true_pairs is not None:
+                # Only pairs across counties can be linked (link_only); others are not counted.
+                canonical = sorted({_canonical(*p) for p in true_pairs if p[0] != p[2]})
+                truth = pd.DataFrame(canonical, columns=list(_PAIR_COLUMNS))
+                with registered(conn, "__jigsaw_true_pairs", truth):
+                    # Blocked pairs have county_l < county_r, as canonical cross-county pairs do.
+                    hits = conn.execute(
+                        "SELECT b.rule, count(*) AS alone, "
+                        "count(*) FILTER (WHERE b.rule = f.first_rule) AS marginal "
+                        "FROM __jigsaw_blocked b "
+                        "JOIN (SELECT county_l, pseudonym_l, county_r, pseudonym_r, "
+                        "min(rule) AS first_rule FROM __jigsaw_blocked GROUP BY ALL) f "
+                        "USING (county_l, pseudonym_l, county_r, pseudonym_r) "
+                        "SEMI JOIN __jigsaw_true_pairs t "
+                        "USING (county_l, pseudonym_l, county_r, pseudonym_r) GROUP BY 1"
+                    ).fetchall()
+                by_rule = {rule: (alone_n, marginal_n) for rule, alone_n, marginal_n in hits}
+                counts = [by_rule.get(i, (0, 0)) for i in range(len(rules))]
+                out["true_pairs"] = [int(alone_n) for alone_n, _ in counts]
+                out["marginal_true_pairs"] = [int(marginal_n) for _, marginal_n in counts]
+                total = len(canonical)
+                recall = out["marginal_true_pairs"].cumsum() / total if total else 1.0
+                out["cumulative_recall"] = recall
+            return out
+        finally:
+            conn.execute("DROP TABLE IF EXISTS __jigsaw_blocked")
 
 
 def rules_generating(
@@ -396,9 +395,10 @@ def rules_generating(
     """
     conn = connection or duckdb.connect()
     frame = pd.DataFrame(sorted({_canonical(*p) for p in pairs}), columns=list(_PAIR_COLUMNS))
-    _register_tokens(conn, tables)
-    conn.register("__jigsaw_pairs", frame)
-    try:
+    with (
+        registered(conn, _TOKENS, _blocking_tokens(tables)),
+        registered(conn, "__jigsaw_pairs", frame),
+    ):
         flags = ", ".join(f"coalesce(({rule}), false) AS rule_{i}" for i, rule in enumerate(rules))
         out = conn.execute(
             f"SELECT p.county_l, p.pseudonym_l, p.county_r, p.pseudonym_r, {flags} "
@@ -409,22 +409,23 @@ def rules_generating(
             "ON r.source_dataset = p.county_r AND r.pseudonym = p.pseudonym_r "
             "ORDER BY p.county_l, p.pseudonym_l, p.county_r, p.pseudonym_r"
         ).df()
-    finally:
-        conn.unregister("__jigsaw_pairs")
-        conn.unregister("__jigsaw_blocking_tokens")
     rule_columns = [f"rule_{i}" for i in range(len(rules))]
     out[rule_columns] = out[rule_columns].astype(bool)
     out["any_rule"] = out[rule_columns].any(axis=1) if rule_columns else False
     return out
 
 
-def _register_tokens(conn: duckdb.DuckDBPyConnection, tables: Mapping[str, pd.DataFrame]) -> None:
-    """Register the county token tables as one view with ``source_dataset`` (the county)."""
+#: The county token tables as one relation, with ``source_dataset`` (the county).
+_TOKENS = "__jigsaw_blocking_tokens"
+
+
+def _blocking_tokens(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """The county token tables as one frame with ``source_dataset`` (the county)."""
     tokens = pd.concat(
         [t.assign(source_dataset=county) for county, t in tables.items()], ignore_index=True
     )
     tokens["pseudonym"] = tokens["pseudonym"].astype(str)
-    conn.register("__jigsaw_blocking_tokens", tokens)
+    return tokens
 
 
 # ----------------------------------------------------------------------------- model parameters

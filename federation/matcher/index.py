@@ -25,12 +25,13 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from federation.matcher.store import MatcherStore, keyed, registered
+from federation.matcher.store import MatcherStore, keyed
 from federation.registry import Registry
 from linkage.cluster import cluster_people, link_families
 from linkage.engine import DEFAULT_SPARK_MASTER, Engine, SplinkEngine
 from linkage.model import LinkageModel
 from linkage.pipeline import Stages, match_tokens
+from linkage.relations import registered
 
 __all__ = ["LinkIndex", "alert_id_for"]
 

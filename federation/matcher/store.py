@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from federation.errors import FederationError, StoreError
 from federation.protocol import TokenBatch
+from linkage.relations import registered
 from linkage.tokenise import TokenSpec
 
 __all__ = ["EpochRefused", "MatcherStore"]
@@ -52,16 +53,6 @@ _LOOKUP_INDEXES = (
     ("families", "household"),
     ("families", "family_id"),
 )
-
-
-@contextmanager
-def registered(conn: Any, name: str, relation: Any) -> Iterator[None]:
-    """``relation`` (a frame or Arrow table) visible to SQL as ``name`` while the block runs."""
-    conn.register(name, relation)
-    try:
-        yield
-    finally:
-        conn.unregister(name)
 
 
 def keyed(table: str, county: str, key: str, keys: str) -> str:

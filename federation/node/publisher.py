@@ -229,7 +229,7 @@ class Publisher:
         if status == 429 or status >= 500:
             raise _Failure(f"HTTP {status}", retry_after=_retry_after(response))
         if status >= 400:
-            raise _Failure(f"HTTP {status} (refused)", slow=True)
+            raise _Failure(f"HTTP {status} (refused: {_refusal(response)})", slow=True)
         try:
             ack = self._verify_ack(response)
         except (AuthError, TransportError) as e:
@@ -268,6 +268,23 @@ class Publisher:
         if failure.retry_after is not None:
             delay = max(delay, min(self._cap, failure.retry_after))
         return delay
+
+
+#: Longest refusal reason kept in the log and the outbox (whose error column takes 200).
+_REASON_CHARS = 160
+
+
+def _refusal(response: httpx.Response) -> str:
+    """The matcher's reason for refusing a message, shortened; it holds no values (the
+    matcher never sees plaintext, and its 422s name fields and rules only)."""
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    if detail is None:
+        return "no reason given"
+    text = detail if isinstance(detail, str) else orjson.dumps(detail).decode()
+    return text if len(text) <= _REASON_CHARS else text[: _REASON_CHARS - 1] + "…"
 
 
 def load_identity(settings: NodeSettings) -> tuple[Registry, Ed25519PrivateKey]:

@@ -46,6 +46,7 @@ import pandas as pd
 
 from federation.errors import StoreError
 from federation.protocol import AlertBody, WithdrawalBody
+from linkage.relations import registered
 
 __all__ = ["LoadChanges", "NodeStore", "OutboxEntry"]
 
@@ -273,46 +274,40 @@ class NodeStore:
             if len(changes.inserts):
                 columns = _record_columns(changes.inserts)
                 cols = ", ".join(columns)
-                conn.register("load_inserts", changes.inserts.loc[:, columns])
-                conn.execute(
-                    f"INSERT INTO records ({cols}, active, updated_at) "
-                    f"SELECT {cols}, true, ? FROM load_inserts",
-                    [now],
-                )
-                conn.unregister("load_inserts")
+                with registered(conn, "load_inserts", changes.inserts.loc[:, columns]):
+                    conn.execute(
+                        f"INSERT INTO records ({cols}, active, updated_at) "
+                        f"SELECT {cols}, true, ? FROM load_inserts",
+                        [now],
+                    )
             if len(changes.updates):
                 # Pseudonym and record id are never updated: a record keeps its pseudonym.
                 columns = _record_columns(changes.updates)
                 normalised = ", normalised = u.normalised" if NORMALISED_COLUMN in columns else ""
-                conn.register("load_updates", changes.updates.loc[:, columns])
-                conn.execute(
-                    "UPDATE records SET household_id = u.household_id, household = u.household, "
-                    f"content_hash = u.content_hash, display = u.display{normalised}, "
-                    "active = true, updated_at = ? FROM load_updates u "
-                    "WHERE records.record_id = u.record_id",
-                    [now],
-                )
-                conn.unregister("load_updates")
+                with registered(conn, "load_updates", changes.updates.loc[:, columns]):
+                    conn.execute(
+                        "UPDATE records SET household_id = u.household_id, "
+                        "household = u.household, content_hash = u.content_hash, "
+                        f"display = u.display{normalised}, active = true, updated_at = ? "
+                        "FROM load_updates u WHERE records.record_id = u.record_id",
+                        [now],
+                    )
             if changes.tombstones:
                 gone = pd.DataFrame({"record_id": pd.array(changes.tombstones, dtype="string")})
-                conn.register("load_gone", gone)
-                conn.execute(
-                    "UPDATE records SET active = false, updated_at = ? "
-                    "WHERE record_id IN (SELECT record_id FROM load_gone)",
-                    [now],
-                )
-                conn.unregister("load_gone")
+                with registered(conn, "load_gone", gone):
+                    conn.execute(
+                        "UPDATE records SET active = false, updated_at = ? "
+                        "WHERE record_id IN (SELECT record_id FROM load_gone)",
+                        [now],
+                    )
             if len(changes.quarantine):
-                conn.register(
-                    "load_quarantine",
-                    changes.quarantine.loc[:, ["row_number", "record_id", "reason"]],
-                )
-                conn.execute(
-                    "INSERT INTO quarantine SELECT ?, row_number, record_id, reason "
-                    "FROM load_quarantine",
-                    [changes.load_id],
-                )
-                conn.unregister("load_quarantine")
+                quarantined = changes.quarantine.loc[:, ["row_number", "record_id", "reason"]]
+                with registered(conn, "load_quarantine", quarantined):
+                    conn.execute(
+                        "INSERT INTO quarantine SELECT ?, row_number, record_id, reason "
+                        "FROM load_quarantine",
+                        [changes.load_id],
+                    )
             for message_id, kind, body in changes.messages:
                 self._enqueue(conn, message_id, kind, body, now)
             conn.execute(
@@ -383,12 +378,11 @@ class NodeStore:
             if current is not None and epoch <= current:
                 raise StoreError(f"key epoch {epoch} is not after the current epoch {current}")
             if len(hashes):
-                conn.register("epoch_hashes", hashes.loc[:, ["record_id", "content_hash"]])
-                conn.execute(
-                    "UPDATE records SET content_hash = h.content_hash FROM epoch_hashes h "
-                    "WHERE records.record_id = h.record_id"
-                )
-                conn.unregister("epoch_hashes")
+                with registered(conn, "epoch_hashes", hashes.loc[:, ["record_id", "content_hash"]]):
+                    conn.execute(
+                        "UPDATE records SET content_hash = h.content_hash FROM epoch_hashes h "
+                        "WHERE records.record_id = h.record_id"
+                    )
             for message_id, kind, body in messages:
                 self._enqueue(conn, message_id, kind, body, now)
             conn.execute("INSERT INTO key_epochs VALUES (?, ?, ?)", [epoch, now, len(hashes)])
@@ -454,7 +448,8 @@ class NodeStore:
         Args:
             message_id: The message.
             next_attempt_at: Earliest time for the next attempt.
-            error: A short description (status code or error class; never a body).
+            error: A short description: the status code and the matcher's reason for a
+                refusal, or the error class; never a message body.
         """
         with self._locked("update the outbox") as conn:
             row = conn.execute(
@@ -585,9 +580,11 @@ class NodeStore:
                 "reason": [w.reason for w in withdrawals],
             }
         )
-        with self._transaction("store alerts") as conn:
-            conn.register("incoming", incoming)
-            conn.register("gone", gone)
+        with (
+            self._transaction("store alerts") as conn,
+            registered(conn, "incoming", incoming),
+            registered(conn, "gone", gone),
+        ):
             # Alerts: new ids are inserted; a higher version replaces (and reopens) one held.
             fresh = conn.execute(
                 "SELECT count(*) FROM incoming i ANTI JOIN alerts a USING (alert_id)"
@@ -630,8 +627,6 @@ class NodeStore:
                 "FROM gone g ANTI JOIN alerts a USING (alert_id)",
                 [now, now],
             )
-            conn.unregister("incoming")
-            conn.unregister("gone")
         stored = int(fresh + newer + fresh_gone + newer_gone)
         return stored, len(alerts) + len(withdrawals) - stored
 

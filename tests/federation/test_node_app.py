@@ -596,7 +596,7 @@ def _publish_once(settings: NodeSettings, handler: Any) -> int:
 
 
 def test_refusals_and_bad_acks_keep_messages_pending(
-    federation: Federation, export_path: Path, tmp_path: Path
+    federation: Federation, export_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = _queued_node(federation, tmp_path, export_path)
     [entry] = _pending(settings)
@@ -619,6 +619,9 @@ def test_refusals_and_bad_acks_keep_messages_pending(
         [pending] = _pending(settings)
         assert (pending.message_id, pending.attempts) == (entry.message_id, attempt)
         assert pending.next_attempt_at > time.time()
+        if handler is refused:
+            # The operator sees why the matcher refused, not just the status.
+            assert "HTTP 400 (refused: token spec mismatch)" in caplog.text
 
 
 def test_the_example_settings_load() -> None:
