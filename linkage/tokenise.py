@@ -371,27 +371,17 @@ class Tokeniser:
             "sex": lambda: _Factor.of(records, "sex"),
             "postcode": lambda: _Factor.of(records, "postcode"),
             "postcode_district": lambda: _Factor.of(records, "postcode_district"),
-            "blk_name": lambda: given.derive(_first_word_phonetic).combine(
-                family.derive(_first_word_phonetic), lambda g, f: f"{g}|{f}"
+            "blk_name": lambda: given.derive(_first_word_phonetic).join(
+                family.derive(_first_word_phonetic)
             ),
             "blk_gi": lambda: given.derive(lambda g: g[:1]),
             "blk_fi": lambda: family.derive(lambda f: f[:1]),
             **{f"salt:{s}": _deriving(dob, fn) for s, fn in SALTS.items()},
-            "dobu_gi": lambda: source("dob_unordered").combine(
-                given.derive(lambda g: g[:1]), lambda d, g: f"{d}|{g}"
-            ),
-            "dobu_fi": lambda: source("dob_unordered").combine(
-                family.derive(lambda f: f[:1]), lambda d, f: f"{d}|{f}"
-            ),
-            "name_ym": lambda: source("blk_name").combine(
-                source("dob_ym"), lambda n, d: f"{n}|{d}"
-            ),
-            "name_yd": lambda: source("blk_name").combine(
-                source("dob_yd"), lambda n, d: f"{n}|{d}"
-            ),
-            "name_md": lambda: source("blk_name").combine(
-                source("dob_md"), lambda n, d: f"{n}|{d}"
-            ),
+            "dobu_gi": lambda: source("dob_unordered").join(given.derive(lambda g: g[:1])),
+            "dobu_fi": lambda: source("dob_unordered").join(family.derive(lambda f: f[:1])),
+            "name_ym": lambda: source("blk_name").join(source("dob_ym")),
+            "name_yd": lambda: source("blk_name").join(source("dob_yd")),
+            "name_md": lambda: source("blk_name").join(source("dob_md")),
         }
         out: dict[str, Any] = {}
         made: dict[str, _Factor] = {}
@@ -414,6 +404,7 @@ class Tokeniser:
         texts = {"given": given, "family": family, "surnames": surnames}
         rng = np.random.default_rng(seed)
         for f in BLOOM_FIELDS:
+            grams = _Grams.of(texts[f].uniques, self.spec.bloom.qgram)  # shared by the salts
             for view in self.spec.bloom.views:
                 # The salt value prefixes every q-gram (a prefix-free "salt\0gram"), so each
                 # salt value keys its own filters. Records without a date of birth share the
@@ -421,7 +412,7 @@ class Tokeniser:
                 salt = source(f"salt:{view[1:]}") if view else None
                 name = f"bloom:{f}{view}"
                 words, counts, missing = self._bloom(
-                    texts[f], salt, self._keys[name], self._aes[name], rng
+                    texts[f], grams, salt, self._keys[name], self._aes[name], rng
                 )
                 for i in range(self.spec.bloom.words):
                     out[f"{f}{view}_bf_{i}"] = pd.arrays.IntegerArray(words[:, i].copy(), missing)
@@ -431,6 +422,7 @@ class Tokeniser:
     def _bloom(
         self,
         texts: _Factor,
+        grams: _Grams,
         salt: _Factor | None,
         key: bytes,
         aes_key: bytes,
@@ -444,15 +436,7 @@ class Tokeniser:
         every record is its own combination, so nothing here may loop over records in Python.)
         """
         spec = self.spec.bloom
-        # The q-grams of each distinct text, as ids into a vocabulary of q-grams.
-        vocabulary: dict[str, int] = {}
-        lengths = np.zeros(len(texts.uniques), dtype=np.intp)
-        ids: list[int] = []
-        for t, text in enumerate(texts.uniques):
-            grams = _qgrams(text, spec.qgram)
-            lengths[t] = len(grams)
-            ids.extend(vocabulary.setdefault(g, len(vocabulary)) for g in grams)
-        gram_ids = np.asarray(ids, dtype=np.int64)
+        vocabulary, gram_ids, lengths = grams.vocabulary, grams.ids, grams.lengths
         starts = np.cumsum(lengths) - lengths
         # Each record's (salt, text) combination; a missing salt is a salt value of its own.
         present = texts.codes >= 0
@@ -477,7 +461,7 @@ class Tokeniser:
         salt_of, gram_of = np.divmod(distinct, max(len(vocabulary), 1))
         positions = _gram_positions(  # (distinct salted grams, hash_count)
             [p.encode() for p in prefixes],
-            [g.encode() for g in vocabulary],
+            grams.encoded,
             salt_of,
             gram_of,
             key,
@@ -508,6 +492,35 @@ class Tokeniser:
             words ^= flips
         counts = np.bitwise_count(words).sum(axis=1, dtype=np.int16)
         return words.view(np.int64), counts, ~present
+
+
+@dataclass(frozen=True)
+class _Grams:
+    """The q-grams of a field's distinct texts, as ids into a vocabulary of q-grams.
+
+    Attributes:
+        vocabulary: The distinct q-grams, in order of first appearance.
+        encoded: The same, as UTF-8 bytes.
+        ids: Every text's q-grams, one after another, as vocabulary ids.
+        lengths: How many q-grams each text has.
+    """
+
+    vocabulary: list[str]
+    encoded: list[bytes]
+    ids: np.ndarray
+    lengths: np.ndarray
+
+    @classmethod
+    def of(cls, texts: list[str], q: int) -> _Grams:
+        vocabulary: dict[str, int] = {}
+        lengths = np.zeros(len(texts), dtype=np.intp)
+        ids: list[int] = []
+        for t, text in enumerate(texts):
+            grams = _qgrams(text, q)
+            lengths[t] = len(grams)
+            ids.extend([vocabulary.setdefault(g, len(vocabulary)) for g in grams])
+        words = list(vocabulary)
+        return cls(words, [g.encode() for g in words], np.asarray(ids, dtype=np.int64), lengths)
 
 
 class _Factor:
@@ -555,14 +568,29 @@ class _Factor:
                 derived.append(None)
         return self._remap(derived, inverse.reshape(-1))
 
+    def join(self, other: _Factor, sep: str = "|") -> _Factor:
+        """Two columns' values joined by ``sep`` (missing if either is), vectorised: the
+        blocking tokens are such joins, with about as many distinct values as records."""
+        stride = len(other.uniques) + 1
+        pair = (self.codes + 1) * stride + (other.codes + 1)
+        distinct, inverse = np.unique(pair, return_inverse=True)
+        i, j = np.divmod(distinct, stride)
+        both = (i > 0) & (j > 0)
+        left = np.array(["", *self.uniques], dtype=object)[i[both]]
+        right = np.array(["", *other.uniques], dtype=object)[j[both]]
+        derived = np.full(len(distinct), None, dtype=object)
+        derived[both] = left + sep + right  # element-wise str concatenation, in C
+        return self._remap(derived, inverse.reshape(-1))
+
     @staticmethod
-    def _remap(derived: list[str | None], codes: np.ndarray) -> _Factor:
-        index: dict[str, int] = {}
-        mapping = np.empty(len(derived) + 1, dtype=np.intp)
-        for i, value in enumerate(derived):
-            mapping[i] = index.setdefault(value, len(index)) if value else -1
-        mapping[len(derived)] = -1
-        return _Factor(mapping[codes], list(index))
+    def _remap(derived: list[str | None] | np.ndarray, codes: np.ndarray) -> _Factor:
+        """Codes into ``derived`` (missing: -1) as codes into its distinct non-empty values,
+        numbered in order of first appearance."""
+        values = np.asarray(derived, dtype=object)
+        values[values == ""] = None
+        mapping, uniques = pd.factorize(values, use_na_sentinel=True)
+        mapping = np.append(mapping, -1)
+        return _Factor(mapping[codes], [str(u) for u in uniques])
 
     def frequency_classes(self) -> pd.arrays.IntegerArray:
         """``floor(-log2(share))`` of each row's value among the present values, capped at 15."""
@@ -583,19 +611,38 @@ class _Factor:
 def _keyed64_many(values: list[str], key: bytes, aes_key: bytes) -> np.ndarray:
     """Keyed 64-bit tokens: AES-256 of short values (a pseudorandom permutation of one padded
     block, computed for a million values in one call), keyed BLAKE2b of longer ones."""
-    encoded = [v.encode() for v in values]
     out = np.empty(len(values), dtype=np.int64)
-    short = [i for i, b in enumerate(encoded) if len(b) < 16]
-    if short:
-        # 0x80 then zeros: an injective padding, so distinct values give distinct blocks.
-        block = np.array([encoded[i] + b"\x80" for i in short], dtype="S16").tobytes()
+    if not values:
+        return out
+    blocks, lengths = _utf8_blocks(values)
+    short = np.flatnonzero(lengths < 16)
+    if len(short):
+        # The value, 0x80, then zeros: an injective padding, so distinct values give
+        # distinct blocks.
+        block = blocks[short, :16].copy()
+        block[np.arange(len(short)), lengths[short]] = 0x80
         encryptor = Cipher(algorithms.AES(aes_key), modes.ECB()).encryptor()
-        cipher = encryptor.update(block) + encryptor.finalize()
+        cipher = encryptor.update(block.tobytes()) + encryptor.finalize()
         out[short] = np.frombuffer(cipher, dtype="<i8")[::2]
-    for i, b in enumerate(encoded):
-        if len(b) >= 16:
-            out[i] = _keyed64(b, key)
+    for i in np.flatnonzero(lengths >= 16).tolist():
+        out[i] = _keyed64(values[i].encode(), key)
     return out
+
+
+def _utf8_blocks(values: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Values as zero-padded UTF-8 rows of a uint8 array (at least 16 wide) and their byte
+    lengths, converted in C when every value is ASCII (tokens of normalised fields are)."""
+    if "".join(values).isascii():
+        fixed = np.array(values, dtype=np.str_)
+        width = max(fixed.dtype.itemsize // 4, 16)
+        lengths = np.strings.str_len(fixed).astype(np.intp)
+        raw = fixed.astype(f"S{width}")
+    else:
+        encoded = [v.encode() for v in values]
+        lengths = np.array([len(b) for b in encoded], dtype=np.intp)
+        width = max(int(lengths.max()), 16)
+        raw = np.array(encoded, dtype=f"S{width}")
+    return raw.view(np.uint8).reshape(len(values), width), lengths
 
 
 def _deriving(factor: _Factor, fn: Callable[[str], str | None]) -> Callable[[], _Factor]:
@@ -664,8 +711,8 @@ def _gram_positions(
 
 def _byte_table(values: list[bytes], width: int) -> np.ndarray:
     """Values as rows of a (len(values), width) uint8 array, zero-filled (longer: cut)."""
-    table = np.zeros((max(len(values), 1), width), dtype=np.uint8)
-    for i, value in enumerate(values):
-        cut = value[:width]
-        table[i, : len(cut)] = np.frombuffer(cut, dtype=np.uint8)
-    return table
+    if not values:
+        return np.zeros((1, width), dtype=np.uint8)
+    # Fixed-width bytes: numpy pads with zeros (and cuts longer values) in C.
+    fixed = np.array([v[:width] for v in values], dtype=f"S{width}")
+    return fixed.view(np.uint8).reshape(len(values), width)
