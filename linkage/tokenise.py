@@ -631,8 +631,10 @@ def _keyed64_many(values: list[str], key: bytes, aes_key: bytes) -> np.ndarray:
 
 def _utf8_blocks(values: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Values as zero-padded UTF-8 rows of a uint8 array (at least 16 wide) and their byte
-    lengths, converted in C when every value is ASCII (tokens of normalised fields are)."""
-    if "".join(values).isascii():
+    lengths, converted in C when every value is ASCII (tokens of normalised fields are) and
+    has no NUL (numpy's fixed-width strings drop trailing NULs)."""
+    joined = "".join(values)
+    if joined.isascii() and "\x00" not in joined:
         fixed = np.array(values, dtype=np.str_)
         width = max(fixed.dtype.itemsize // 4, 16)
         lengths = np.strings.str_len(fixed).astype(np.intp)

@@ -568,3 +568,18 @@ def test_combined_blocking_tokens_need_both_parts(tokeniser: Tokeniser) -> None:
     assert tokens.loc[0, "name_ym"] == tokens.loc[2, "name_ym"]
     assert tokens.loc[0, "name_ym"] != tokens.loc[3, "name_ym"]
     assert tokens.loc[0, "name_md"] != tokens.loc[2, "name_md"]
+
+
+def test_a_values_token_does_not_depend_on_its_batch() -> None:
+    """Deterministic tokens are computed per batch of distinct values, by a fast path when the
+    batch is plain ASCII; a value must get the same token whichever path its batch takes."""
+    from linkage.tokenise import _keyed64_many
+
+    key, aes_key = bytes(range(32)), bytes(range(1, 33))
+    values = ["abc", "abc\x00", "x" * 15, "x" * 16, "1990|05|12|J", "Zoë"]
+    together = _keyed64_many(values, key, aes_key)
+    alone = [int(_keyed64_many([v], key, aes_key)[0]) for v in values]
+    assert together.tolist() == alone
+    ascii_only = _keyed64_many(values[:5], key, aes_key)
+    assert ascii_only.tolist() == alone[:5]
+    assert len(set(alone)) == len(values)  # a trailing NUL is part of the value
