@@ -315,7 +315,7 @@ def blocking_counts(
         recall the rules allow.
     """
     conn = connection or duckdb.connect()
-    with registered(conn, _TOKENS, _blocking_tokens(tables)):
+    with registered(conn, "__jigsaw_blocking_tokens", _blocking_tokens(tables)):
         try:
             selects = [
                 f"SELECT {i} AS rule, l.source_dataset AS county_l, l.pseudonym AS pseudonym_l, "
@@ -396,7 +396,7 @@ def rules_generating(
     conn = connection or duckdb.connect()
     frame = pd.DataFrame(sorted({_canonical(*p) for p in pairs}), columns=list(_PAIR_COLUMNS))
     with (
-        registered(conn, _TOKENS, _blocking_tokens(tables)),
+        registered(conn, "__jigsaw_blocking_tokens", _blocking_tokens(tables)),
         registered(conn, "__jigsaw_pairs", frame),
     ):
         flags = ", ".join(f"coalesce(({rule}), false) AS rule_{i}" for i, rule in enumerate(rules))
@@ -413,10 +413,6 @@ def rules_generating(
     out[rule_columns] = out[rule_columns].astype(bool)
     out["any_rule"] = out[rule_columns].any(axis=1) if rule_columns else False
     return out
-
-
-#: The county token tables as one relation, with ``source_dataset`` (the county).
-_TOKENS = "__jigsaw_blocking_tokens"
 
 
 def _blocking_tokens(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:

@@ -548,39 +548,42 @@ class _Factor:
         """Apply ``fn`` to each distinct value (``None``/empty results become missing)."""
         return self._remap([fn(u) for u in self.uniques], self.codes)
 
+    def _pairs(self, other: _Factor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The distinct (value, other value) pairs of the rows: indexes into ``[missing,
+        *uniques]`` on each side, and each row's pair."""
+        stride = len(other.uniques) + 1
+        pair = (self.codes + 1) * stride + (other.codes + 1)
+        distinct, inverse = np.unique(pair, return_inverse=True)
+        i, j = np.divmod(distinct, stride)
+        return i, j, inverse.reshape(-1)
+
     def combine(
         self, other: _Factor, fn: Callable[[str, str], str | None], *, either: bool = False
     ) -> _Factor:
         """Combine two columns value by value; missing if either is (or both, if ``either``)."""
-        stride = len(other.uniques) + 1
-        pair = (self.codes + 1) * stride + (other.codes + 1)
-        distinct, inverse = np.unique(pair, return_inverse=True)
+        i, j, rows = self._pairs(other)
         derived: list[str | None] = []
-        for value in distinct.tolist():
-            i, j = divmod(value, stride)
-            a = self.uniques[i - 1] if i else None
-            b = other.uniques[j - 1] if j else None
+        for a_at, b_at in zip(i.tolist(), j.tolist(), strict=True):
+            a = self.uniques[a_at - 1] if a_at else None
+            b = other.uniques[b_at - 1] if b_at else None
             if a is not None and b is not None:
                 derived.append(fn(a, b))
             elif either and (a is not None or b is not None):
                 derived.append(fn(a or "", b or ""))
             else:
                 derived.append(None)
-        return self._remap(derived, inverse.reshape(-1))
+        return self._remap(derived, rows)
 
     def join(self, other: _Factor, sep: str = "|") -> _Factor:
         """Two columns' values joined by ``sep`` (missing if either is), vectorised: the
         blocking tokens are such joins, with about as many distinct values as records."""
-        stride = len(other.uniques) + 1
-        pair = (self.codes + 1) * stride + (other.codes + 1)
-        distinct, inverse = np.unique(pair, return_inverse=True)
-        i, j = np.divmod(distinct, stride)
+        i, j, rows = self._pairs(other)
         both = (i > 0) & (j > 0)
         left = np.array(["", *self.uniques], dtype=object)[i[both]]
         right = np.array(["", *other.uniques], dtype=object)[j[both]]
-        derived = np.full(len(distinct), None, dtype=object)
+        derived = np.full(len(i), None, dtype=object)
         derived[both] = left + sep + right  # element-wise str concatenation, in C
-        return self._remap(derived, inverse.reshape(-1))
+        return self._remap(derived, rows)
 
     @staticmethod
     def _remap(derived: list[str | None] | np.ndarray, codes: np.ndarray) -> _Factor:
