@@ -113,6 +113,7 @@ def test_a_lead_marks_an_alert_same_child_and_the_other_county_sees_it_reviewed(
                 step = "open"
                 page.get_by_label("Person or family").select_option("person")
                 page.get_by_role("button", name="Apply filters").click()
+                expect(page).to_have_url(re.compile(r"[?&]kind=person"))
                 link = page.locator("table.alerts tbody a").first
                 expect(link).to_contain_text("Person:")
                 link.click()
@@ -171,14 +172,22 @@ def test_a_lead_marks_an_alert_same_child_and_the_other_county_sees_it_reviewed(
                 reviewed = f"Reviewed by {here.capitalize()}: same child"
                 row = page.locator("tr", has=page.locator(f'a[href$="{theirs["alert_id"]}"]'))
 
-                def shows_review() -> bool:
-                    page.reload()
-                    return row.count() == 1 and reviewed in row.inner_text()
-
                 # The filters, as a person would use them: what other counties have reviewed.
                 page.get_by_label("Status").select_option(label="Reviewed by another county")
                 page.get_by_label("Other county").select_option(label=here.capitalize())
                 page.get_by_role("button", name="Apply filters").click()
+                # The form's own navigation must finish before the page is loaded again:
+                # reloading while it is in flight detaches the page ("Not attached to an
+                # active page").
+                expect(page).to_have_url(re.compile(r"[?&]status=reviewed_elsewhere"))
+                expect(page.get_by_role("heading", level=1)).to_have_text("Match alerts")
+                filtered = page.url
+
+                def shows_review() -> bool:
+                    if not (row.count() == 1 and reviewed in row.inner_text()):
+                        page.goto(filtered, wait_until="load")
+                        return False
+                    return True
 
                 _wait_until(shows_review, "the review to reach the other county")
                 page.screenshot(path=shots / "4-other-county-inbox.png", full_page=True)
