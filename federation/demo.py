@@ -10,6 +10,7 @@ alerts, and the same files linked offline by ``jigsaw link``'s pipeline, side by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -83,10 +84,13 @@ class _Federation:
         return [self.matcher, *self.nodes.values()]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports: all held open at once, so none is handed out twice."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
 
 
 def _prepare_out(out: Path) -> None:
@@ -141,7 +145,8 @@ def _set_up(
     matcher_extra: dict[str, Any],
     node_extra: dict[str, Any] | None = None,
 ) -> _Federation:
-    ports = {name: _free_port() for name in ["matcher", *counties]}
+    names = ["matcher", *counties]
+    ports = dict(zip(names, _free_ports(len(names)), strict=True))
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     init_federation(
         out,
@@ -235,6 +240,7 @@ def _stop(federation: _Federation) -> None:
                 party.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 party.process.kill()
+                party.process.wait()  # reaped, so its files' locks are gone when _stop returns
 
 
 def _wait_ready(

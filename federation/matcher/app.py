@@ -173,6 +173,7 @@ class Matcher:
 
     def relink(self, *, retrain: bool) -> dict[str, Any]:
         """Link everything again (and retrain if asked), queueing any alert changes."""
+        logger.info("relink asked for (retrain=%s)", retrain)
         with self.work_lock:
             summary = self.index.relink(retrain=retrain)
         self._wake_deliverer.set()

@@ -99,7 +99,8 @@ def test_a_lead_marks_an_alert_same_child_and_the_other_county_sees_it_reviewed(
                 executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
             )
             page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.set_default_timeout(15_000)
+            page.set_default_timeout(15_000)  # actions and navigations
+            expect.set_options(timeout=15_000)  # assertions (their own default is 5 s)
             step = "start"
             try:
                 # --- county one: sign in and see the new alerts.

@@ -100,7 +100,8 @@ def test_sigterm_stops_both_services_cleanly_and_loses_nothing(tmp_path: Path) -
 
         asking = threading.Thread(target=relink)
         asking.start()
-        time.sleep(0.5)
+        log = local.party("matcher").log
+        _wait(lambda: "relink asked for" in log.read_text(errors="replace"), "the relink to start")
         _stop(local, "matcher")
         asking.join(TIMEOUT)
         assert result.get("status") == "linked", result
