@@ -7,13 +7,29 @@ Metrics carry counts, ages and durations only: never a token, pseudonym or recor
 
 from __future__ import annotations
 
+import hmac
 import math
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 
-__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "Exposition", "Histogram"]
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "Exposition", "Histogram", "may_scrape"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def may_scrape(authorization: str, token: str | None) -> bool:
+    """Whether a request with this ``Authorization`` header may read ``/metrics``.
+
+    Without a configured ``metrics_token`` everyone may (the endpoint is then for a
+    monitoring network only); with one, the header must be ``Bearer <token>``, compared in
+    constant time.
+    """
+    if token is None:
+        return True
+    scheme, _, supplied = authorization.partition(" ")
+    ok = hmac.compare_digest(supplied.strip().encode(), token.encode())
+    return ok and scheme.lower() == "bearer"
+
 
 #: Upper bounds (seconds) of latency histogram buckets: 5 ms to 5 minutes.
 LATENCY_BUCKETS: tuple[float, ...] = (

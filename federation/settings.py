@@ -12,7 +12,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from federation.errors import ConfigError
@@ -32,20 +39,28 @@ class _Common(BaseSettings):
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
     admin_token: str = Field(min_length=24)
+    # When set, /metrics asks for it as a bearer token (Prometheus: `authorization`), so the
+    # counts it shows need not rely on the network alone. Unset: open, like the probes.
+    metrics_token: str | None = Field(None, min_length=24)
     max_request_bytes: int = 64 * 1024 * 1024
     requests_per_minute: int = 600
     log_level: str = "INFO"
 
-    @field_validator("admin_token")
+    @field_validator("admin_token", "metrics_token")
     @classmethod
-    def _not_placeholder(cls, value: str) -> str:
+    def _not_placeholder(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
         lowered = value.lower()
         if (
             lowered in _PLACEHOLDERS
             or len(set(value)) < 8
             or any(word in lowered for word in ("replace", "changeme", "example", " "))
         ):
-            raise ValueError("admin_token is a placeholder; generate one with `jigsaw keys init`")
+            raise ValueError(
+                f"{info.field_name} is a placeholder; generate one with"
+                " `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
         return value
 
     @property

@@ -33,7 +33,7 @@ from federation.matcher.epochs import KeyEpochs
 from federation.matcher.index import LinkIndex
 from federation.matcher.store import EpochRefused, MatcherStore
 from federation.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from federation.metrics import Exposition, Histogram
+from federation.metrics import Exposition, Histogram, may_scrape
 from federation.protocol import MAX_ALERT_BATCH, Ack, FeedbackBody, TokenBatch
 from federation.ratelimit import RateLimited, SenderRateLimiter
 from federation.registry import MATCHER_ID, Registry
@@ -566,6 +566,8 @@ def create_app(settings: MatcherSettings, *, client: httpx.Client | None = None)
     async def metrics(request: Request) -> PlainTextResponse:
         import anyio
 
+        if not may_scrape(request.headers.get("authorization", ""), settings.metrics_token):
+            raise AuthError("missing or wrong metrics token")
         text = await anyio.to_thread.run_sync(_metrics_text, matcher_of(request))
         return PlainTextResponse(text, media_type=METRICS_CONTENT_TYPE)
 

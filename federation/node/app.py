@@ -8,7 +8,8 @@ Routes::
     POST /v1/admin/ingest             admin: load an export, queue what changed
     GET  /v1/status                   admin: counts
     GET  /healthz, /readyz            liveness, readiness (no auth)
-    GET  /metrics                     Prometheus metrics: counts and latencies only (no auth)
+    GET  /metrics                     Prometheus metrics: counts and latencies only (bearer
+                                      ``metrics_token`` when one is set)
     /inbox, POST /v1/admin/users      the safeguarding lead's web inbox (federation.node.inbox)
 
 Two kinds of caller, two kinds of authentication. The matcher signs every message
@@ -50,7 +51,7 @@ from federation.audit import AuditLog
 from federation.errors import AUTH_REFUSED_MESSAGE, AuthError, ConfigError, StoreError
 from federation.keys import load_secret
 from federation.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from federation.metrics import LATENCY_BUCKETS, Exposition
+from federation.metrics import LATENCY_BUCKETS, Exposition, may_scrape
 from federation.node.inbox import mount_inbox, start_inbox, stop_inbox
 from federation.node.ingest import ingest_file
 from federation.node.publisher import Publisher, load_identity
@@ -290,7 +291,10 @@ def _routes(app: FastAPI) -> None:
 
     @app.get("/metrics")
     def metrics(request: Request) -> PlainTextResponse:
-        return PlainTextResponse(_metrics_text(_node(request)), media_type=METRICS_CONTENT_TYPE)
+        node = _node(request)
+        if not may_scrape(request.headers.get("authorization", ""), node.settings.metrics_token):
+            raise AuthError("missing or wrong metrics token")
+        return PlainTextResponse(_metrics_text(node), media_type=METRICS_CONTENT_TYPE)
 
     @app.post("/v1/alerts")
     async def receive_alert(request: Request) -> JSONResponse:

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from federation.errors import ConfigError
 from federation.keys import (
     init_federation,
     load_private_key,
@@ -632,6 +633,14 @@ def test_the_example_settings_load() -> None:
     assert settings.registry.is_absolute()
     assert settings.token_spec is not None
     assert TokenSpec.from_toml(settings.token_spec).version  # the file it names exists
+    assert settings.metrics_token is None  # /metrics open unless a token is set
+
+
+@pytest.mark.parametrize("token", ["changeme-changeme-changeme", "x" * 30, "short-but-random-1"])
+def test_a_placeholder_or_short_metrics_token_is_refused(token: str) -> None:
+    path = Path(__file__).resolve().parents[2] / "configs" / "node.example.toml"
+    with pytest.raises(ConfigError, match="metrics_token"):
+        load_settings(NodeSettings, path, admin_token=ADMIN_TOKEN, metrics_token=token)
 
 
 def _matcher_ack(federation: Federation, request: httpx.Request) -> httpx.Response:

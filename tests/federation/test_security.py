@@ -42,6 +42,8 @@ NODE_MAX_BYTES = 1_000_000
 #: The matcher's per-sender allowance in these tests.
 REQUESTS_PER_MINUTE = 40
 REFUSED_BODY = b'{"detail":"request refused"}'
+#: Both services ask Prometheus for this bearer token on /metrics.
+METRICS_TOKEN = secrets.token_urlsafe(32)
 
 
 @dataclass
@@ -107,12 +109,14 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fed]:
         matcher_settings={
             "max_request_bytes": MATCHER_MAX_BYTES,
             "requests_per_minute": REQUESTS_PER_MINUTE,
+            "metrics_token": METRICS_TOKEN,
         },
     )
     # The nodes read settings their TOML leaves unset from the environment: only while they
     # start, so that no other test sees it.
     with pytest.MonkeyPatch.context() as env:
         env.setenv("JIGSAW_NODE_MAX_REQUEST_BYTES", str(NODE_MAX_BYTES))
+        env.setenv("JIGSAW_NODE_METRICS_TOKEN", METRICS_TOKEN)
         local.__enter__()
     try:
         reports = local.ingest_all(files)
@@ -619,6 +623,27 @@ def test_admin_endpoints_refuse_without_the_right_token(fed: Fed) -> None:
             except AssertionError as e:
                 raise AssertionError(f"{party} {method} {path} with {case}: {e}") from None
     assert fed.snapshot() == before
+
+
+def test_metrics_ask_for_their_own_token_when_one_is_set(fed: Fed) -> None:
+    for party in ("matcher", fed.a):
+        url = f"{fed.matcher_url if party == 'matcher' else fed.node_url(party)}/metrics"
+        wrong = {
+            "none": {},
+            "wrong token": {"Authorization": f"Bearer {secrets.token_urlsafe(32)}"},
+            # The admin token is another credential: a scraper never needs it.
+            "the admin token": fed.admin(party),
+            "right token, wrong scheme": {"Authorization": f"Token {METRICS_TOKEN}"},
+            "a prefix of the right token": {"Authorization": f"Bearer {METRICS_TOKEN[:-1]}"},
+        }
+        for case, headers in wrong.items():
+            try:
+                assert_refused(fed.http.get(url, headers=headers))
+            except AssertionError as e:
+                raise AssertionError(f"{party} /metrics with {case}: {e}") from None
+        scraped = fed.http.get(url, headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        assert scraped.status_code == 200
+        assert "# TYPE jigsaw_" in scraped.text
 
 
 # --------------------------------------------------------------------------- rate limit
