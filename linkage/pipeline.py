@@ -138,6 +138,19 @@ def prepare_county(
     stages = stages or Stages()
     with stages("normalise"):
         normalised = normalise_records(raw, source=county, mapping=mapping)
+    with stages("tokenise"):
+        tokens = tokeniser.tokenise(normalised.records.reset_index(drop=True), seed=seed)
+    return _prepared(county, normalised, tokens, pseudonyms, households)
+
+
+def _prepared(
+    county: str,
+    normalised: NormalisedRecords,
+    tokens: pd.DataFrame,
+    pseudonyms: Mapping[str, str] | None,
+    households: Mapping[str, str] | None,
+) -> PreparedCounty:
+    """A county's tokens under pseudonyms, with the pseudonym maps that stay at the node."""
     records = normalised.records.reset_index(drop=True)
     record_ids = records["record_id"].astype(str).tolist()
     known = pseudonyms or {}
@@ -156,8 +169,6 @@ def prepare_county(
             "household_id": hh_ids,
         }
     )
-    with stages("tokenise"):
-        tokens = tokeniser.tokenise(records, seed=seed)
     tokens.insert(0, "role", records["role"].astype("string"))
     tokens.insert(0, "household", pd.Series(hh_pseudo, dtype="string"))
     tokens.insert(0, "pseudonym", pd.Series(pseudo, dtype="string"))
@@ -373,27 +384,37 @@ def link_files(
         seed: Seed for tokenisation bit flips (repeatable benchmarks).
     """
     stages = stages or Stages()
-    prepared: dict[str, PreparedCounty] = {}
+    counties = [county_id(path) for path in paths]
+    if len(set(counties)) < len(counties):
+        raise ValueError("two input files have the same county id (file stem)")
+    mappings = mappings or {}
+    normalised: dict[str, NormalisedRecords] = {}
     counts: dict[str, dict[str, int]] = {}
-    for path in paths:
-        county = county_id(path)
-        mapping = (mappings or {}).get(county)
-        with stages("read"):
-            raw = read_county_file(path, mapping=mapping)
-        prepared[county] = prepare_county(
-            county,
-            raw,
-            tokeniser,
-            mapping=mapping,
-            seed=None if seed is None else seed + len(prepared),
-            stages=stages,
-        )
-        counts[county] = {
-            "input_rows": len(raw),
-            "accepted": len(prepared[county].normalised.records),
-            "quarantined": len(prepared[county].normalised.quarantined),
-            "warnings": len(prepared[county].normalised.warnings),
+    # Each county as its node would prepare it (prepare_county), in phases across counties
+    # so that tokenising, the costly part, runs every county's chunks on all cores at once.
+    with stages("read"):
+        raws = {
+            c: read_county_file(p, mapping=mappings.get(c))
+            for c, p in zip(counties, paths, strict=True)
         }
+    with stages("normalise"):
+        for county in counties:
+            raw = raws.pop(county)
+            normalised[county] = normalise_records(raw, source=county, mapping=mappings.get(county))
+            counts[county] = {
+                "input_rows": len(raw),
+                "accepted": len(normalised[county].records),
+                "quarantined": len(normalised[county].quarantined),
+                "warnings": len(normalised[county].warnings),
+            }
+    with stages("tokenise"):
+        tokens = tokeniser.tokenise_many(
+            [normalised[c].records.reset_index(drop=True) for c in counties],
+            seeds=[None if seed is None else seed + i for i in range(len(counties))],
+        )
+    prepared = {
+        c: _prepared(c, normalised[c], t, None, None) for c, t in zip(counties, tokens, strict=True)
+    }
     match = match_tokens(
         {c: p.tokens for c, p in prepared.items()},
         model=model,

@@ -332,6 +332,48 @@ def test_frequency_classes_band_names_by_their_share(test_secret: bytes) -> None
     assert tokens["given_fc"].isna().all()
 
 
+def test_many_batches_in_chunks_on_threads_give_each_batch_its_own_tokens(
+    tokeniser: Tokeniser, sample_records: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's tokens depend only on the batch and its seed: not on the batches tokenised
+    beside it, the number of threads, or (its deterministic tokens) the chunks it is cut into."""
+    import linkage.tokenise as tokenise_module
+
+    first, second = sample_records.iloc[:200], sample_records.iloc[200:].reset_index(drop=True)
+    unchunked = [tokeniser.tokenise(first, seed=3), tokeniser.tokenise(second, seed=4)]
+    together = tokeniser.tokenise_many([first, second], seeds=[3, 4], workers=2)
+    assert all(a.equals(b) for a, b in zip(together, unchunked, strict=True))
+
+    monkeypatch.setattr(tokenise_module, "CHUNK_ROWS", 64)  # 200 rows: four chunks
+    on_two = tokeniser.tokenise_many([first, second], seeds=[3, 4], workers=2)
+    on_one = tokeniser.tokenise_many([first], seeds=[3], workers=1)
+    assert on_two[0].equals(on_one[0])  # the same whatever the threads or the other batch
+    assert list(on_two[0].columns) == tokeniser.spec.token_columns()
+    assert isinstance(on_two[0].index, pd.RangeIndex) and len(on_two[0]) == len(first)
+    exact = deterministic_columns(tokeniser.spec)
+    assert on_two[0][exact].equals(unchunked[0][exact])
+    # The filters of a chunked batch still carry the spec's flips, each chunk its own draws.
+    words = word_columns(tokeniser.spec)
+    assert not on_two[0][words].equals(unchunked[0][words])
+    assert tokeniser.tokenise_many([first], seeds=[3])[0][words].equals(on_two[0][words])
+
+    with pytest.raises(ValueError, match="2 batches but 1 seeds"):
+        tokeniser.tokenise_many([first, second], seeds=[3])
+
+
+def test_a_batch_with_frequency_classes_is_never_cut(
+    test_secret: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frequency classes count a name's share of the whole batch, so no chunk may count alone."""
+    import linkage.tokenise as tokenise_module
+
+    monkeypatch.setattr(tokenise_module, "CHUNK_ROWS", 4)
+    tokeniser = TokenSpec(frequency_classes=True).bind(test_secret)
+    names = ["smith"] * 8 + ["jones"] * 8
+    [tokens] = tokeniser.tokenise_many([pd.DataFrame({"family_name": names})], workers=2)
+    assert set(tokens["family_fc"]) == {1}  # each name is half of the batch
+
+
 def test_output_contains_no_input_value(tokeniser: Tokeniser, sample_records: pd.DataFrame) -> None:
     tokens = tokeniser.tokenise(sample_records, seed=1)
     # Nothing but integer token columns: no object or string column can smuggle plaintext.
