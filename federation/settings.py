@@ -63,6 +63,13 @@ class _Common(BaseSettings):
             )
         return value
 
+    @model_validator(mode="after")
+    def _metrics_token_is_its_own(self) -> _Common:
+        # A scraper that held the admin token could do anything the operator can.
+        if self.metrics_token is not None and self.metrics_token == self.admin_token:
+            raise ValueError("metrics_token must differ from admin_token")
+        return self
+
     @property
     def database(self) -> Path:
         """The service's DuckDB file."""

@@ -399,7 +399,7 @@ class Tokeniser:
                     records if chunks == 1 else records.iloc[c * CHUNK_ROWS : (c + 1) * CHUNK_ROWS]
                 )
                 jobs.append((b, part, rng))
-        threads = min(workers or os.cpu_count() or 1, len(jobs))
+        threads = min(workers or _usable_cpus(), len(jobs))
         if threads <= 1:
             done = [self._tokenise_chunk(part, rng) for _, part, rng in jobs]
         else:
@@ -708,6 +708,13 @@ def _utf8_blocks(values: list[str]) -> tuple[np.ndarray, np.ndarray]:
         width = max(int(lengths.max()), 16)
         raw = np.array(encoded, dtype=f"S{width}")
     return raw.view(np.uint8).reshape(len(values), width), lengths
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (a container's or taskset's share, not the host's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def _deriving(factor: _Factor, fn: Callable[[str], str | None]) -> Callable[[], _Factor]:

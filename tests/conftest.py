@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
 from linkage.pipeline import PreparedCounty, prepare_county
 from linkage.records import read_county_file
@@ -21,8 +21,16 @@ from linkage.synthetic import SyntheticFederation, generate_federation, write_fe
 from linkage.tokenise import Tokeniser, TokenSpec
 
 # In CI, Hypothesis draws the same examples on every run, so a release is never blocked by an
-# input that happened to be drawn only that time; local runs keep exploring new ones.
-settings.register_profile("ci", derandomize=True, print_blob=True)
+# input that happened to be drawn only that time; local runs keep exploring new ones. (Recent
+# Hypothesis has a built-in "ci" profile much like this; this one also holds on older ones.)
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 

@@ -37,7 +37,7 @@ from federation.keys import (
 )
 from federation.node.app import create_app
 from federation.node.ingest import ingest_file
-from federation.node.publisher import Publisher, publish_pending
+from federation.node.publisher import FIRST_RETRY_SECONDS, Publisher, publish_pending
 from federation.node.store import NodeStore, OutboxEntry
 from federation.protocol import Ack, AlertBody, FeedbackBody, TokenBatch
 from federation.registry import Registry
@@ -620,7 +620,8 @@ def test_refusals_and_bad_acks_keep_messages_pending(
         assert _publish_once(settings, handler) == 0
         [pending] = _pending(settings)
         assert (pending.message_id, pending.attempts) == (entry.message_id, attempt)
-        assert pending.next_attempt_at > sent  # put off, not due again at once
+        # Put off by at least the first backoff's lower bound (equal jitter), not due at once.
+        assert pending.next_attempt_at >= sent + FIRST_RETRY_SECONDS / 2
         if handler is refused:
             # The operator sees why the matcher refused, not just the status.
             assert "HTTP 400 (refused: token spec mismatch)" in caplog.text
@@ -641,6 +642,13 @@ def test_a_placeholder_or_short_metrics_token_is_refused(token: str) -> None:
     path = Path(__file__).resolve().parents[2] / "configs" / "node.example.toml"
     with pytest.raises(ConfigError, match="metrics_token"):
         load_settings(NodeSettings, path, admin_token=ADMIN_TOKEN, metrics_token=token)
+
+
+def test_the_metrics_token_may_not_be_the_admin_token() -> None:
+    path = Path(__file__).resolve().parents[2] / "configs" / "node.example.toml"
+    with pytest.raises(ConfigError, match="metrics_token must differ from admin_token") as e:
+        load_settings(NodeSettings, path, admin_token=ADMIN_TOKEN, metrics_token=ADMIN_TOKEN)
+    assert ADMIN_TOKEN not in str(e.value)
 
 
 def _matcher_ack(federation: Federation, request: httpx.Request) -> httpx.Response:

@@ -333,7 +333,10 @@ def test_frequency_classes_band_names_by_their_share(test_secret: bytes) -> None
 
 
 def test_many_batches_in_chunks_on_threads_give_each_batch_its_own_tokens(
-    tokeniser: Tokeniser, sample_records: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+    tokeniser: Tokeniser,
+    test_secret: bytes,
+    sample_records: pd.DataFrame,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A batch's tokens depend only on the batch and its seed: not on the batches tokenised
     beside it, the number of threads, or (its deterministic tokens) the chunks it is cut into."""
@@ -355,6 +358,16 @@ def test_many_batches_in_chunks_on_threads_give_each_batch_its_own_tokens(
     # The filters of a chunked batch still carry the spec's flips, each chunk its own draws.
     words = word_columns(tokeniser.spec)
     assert not on_two[0][words].equals(unchunked[0][words])
+    unflipped_spec = dataclasses.replace(
+        tokeniser.spec, bloom=dataclasses.replace(tokeniser.spec.bloom, flip_probability=0.0)
+    )
+    unflipped = Tokeniser(unflipped_spec, test_secret).tokenise_many([first], seeds=[3])[0]
+    flipped_bits = np.bitwise_count(
+        on_two[0][words].to_numpy(dtype=np.int64, na_value=0).view(np.uint64)
+        ^ unflipped[words].to_numpy(dtype=np.int64, na_value=0).view(np.uint64)
+    ).sum()
+    present_bits = on_two[0][words].notna().to_numpy().sum() * 64
+    assert abs(flipped_bits / present_bits - tokeniser.spec.bloom.flip_probability) < 0.03
     assert tokeniser.tokenise_many([first], seeds=[3])[0][words].equals(on_two[0][words])
 
     with pytest.raises(ValueError, match="2 batches but 1 seeds"):
