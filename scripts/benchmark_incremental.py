@@ -111,6 +111,8 @@ def _train(tables: dict[str, pd.DataFrame], sample: int) -> Any:
 
 def _load_store(store: Any, tables: dict[str, pd.DataFrame], held: set[tuple[str, str]]) -> int:
     """Bulk-insert every token but the held-back ones (a node's first publish, without HTTP)."""
+    from linkage.relations import registered
+
     loaded = 0
     now = time.time()
     for county, frame in tables.items():
@@ -122,11 +124,9 @@ def _load_store(store: Any, tables: dict[str, pd.DataFrame], held: set[tuple[str
         table = table.append_column("epoch", pa.array(np.ones(n, dtype=np.int32)))
         table = table.append_column("batch_id", pa.array(["bulk"] * n, pa.string()))
         table = table.append_column("stored_at", pa.array(np.full(n, now)))
-        with store.lock:
-            store.conn.register("bulk", table)
+        with store.lock, registered(store.conn, "bulk", table):
             cols = ", ".join(table.column_names)
             store.conn.execute(f"INSERT INTO tokens ({cols}) SELECT {cols} FROM bulk")
-            store.conn.unregister("bulk")
         loaded += n
     return loaded
 

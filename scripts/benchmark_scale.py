@@ -44,14 +44,15 @@ def rule_counts(tables: dict[str, Any], rules: list[str]) -> list[dict[str, Any]
     import duckdb
     import pyarrow as pa
 
+    from linkage.relations import registered
+
     con = duckdb.connect()
     parts = []
     for county, frame in tables.items():
         table = pa.Table.from_pandas(frame.drop(columns=["pseudonym", "household"]))
         parts.append(table.append_column("source_dataset", pa.array([county] * len(frame))))
-    con.register("t_arrow", pa.concat_tables(parts))
-    con.execute("CREATE TABLE t AS SELECT * FROM t_arrow")
-    con.unregister("t_arrow")
+    with registered(con, "t_arrow", pa.concat_tables(parts)):
+        con.execute("CREATE TABLE t AS SELECT * FROM t_arrow")
     out = []
     for i, rule in enumerate(rules):
         earlier = "".join(f" AND NOT coalesce(({r}), false)" for r in rules[:i])
